@@ -1,0 +1,180 @@
+"""Command line: ``python -m hoe_core <command>``. Parsing and validation only; the work
+is done by the library functions it calls.
+
+Contract (other tools rely on it):
+    python -m hoe_core generate --bundle DIR --prompt TEXT --preference 0.2,0.5,0.3
+        [--max-new-tokens N] [--seed S] [--precision P] [--json]
+prints, with --json, one JSON object with at least ``text``, ``preference`` (normalised)
+and ``objectives``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hoe_core.config import PRECISIONS
+
+
+def _floats(text: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--preference must be comma-separated numbers like 0.2,0.5,0.3, got {text!r}"
+        ) from None
+
+
+def _ranks(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ranks must look like q_proj=8,down_proj=16, got {text!r}"
+        ) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hoe_core.bundle import load_bundle, read_manifest
+    from hoe_core.config import DecodingConfig
+    from hoe_core.generation import clean_prompt, generate
+    from hoe_core.routing.preference import normalize_preference
+
+    manifest = read_manifest(args.bundle)
+    preference = normalize_preference(args.preference, len(manifest.objectives))
+    prompt = clean_prompt(args.prompt)
+    defaults = manifest.decoding_config
+    decoding = DecodingConfig(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else defaults.temperature,
+        top_p=args.top_p if args.top_p is not None else defaults.top_p,
+        repetition_penalty=args.repetition_penalty
+        if args.repetition_penalty is not None
+        else defaults.repetition_penalty,
+        seed=args.seed,
+    )
+    loaded = load_bundle(args.bundle, precision=args.precision, device=args.device)
+    result = generate(loaded.hoe, loaded.backbone.tokenizer, [prompt], [preference], decoding)[0]
+    names = loaded.hoe.expert_names + [r.name for r in loaded.hoe.routers]
+    payload = {
+        "text": result.text,
+        "preference": dict(zip(manifest.objectives, result.preference)),
+        "objectives": manifest.objectives,
+        "anchor_weights": {n: w for n, w in zip(names, result.anchor_weights) if w > 0},
+        "new_tokens": result.new_tokens,
+        "seconds": round(result.seconds, 3),
+        "bundle": str(args.bundle),
+        "precision": args.precision,
+        "decoding": asdict(decoding),
+    }
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        pref = ", ".join(f"{k}={v:.2f}" for k, v in payload["preference"].items())
+        print(f"[{pref}] ({result.new_tokens} tokens, {result.seconds:.1f} s)\n{result.text}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hoe_core.bundle import verify_bundle
+
+    m = verify_bundle(args.bundle)
+    print(f"bundle {m.name!r}: OK ({len(m.files)} files verified)")
+    print(f"  backbone   {m.backbone['spec']} (fingerprint {m.backbone['fingerprint']})")
+    print(f"  objectives {', '.join(m.objectives)}")
+    for e in m.experts:
+        print(f"  expert     {e.name:<16} anchor {e.anchor}")
+    for r in m.routers:
+        print(f"  router     {r.name:<16} anchor {r.anchor} over {r.experts}")
+    return 0
+
+
+def cmd_task_svd(args: argparse.Namespace) -> int:
+    from hoe_core.config import TaskSVDConfig
+    from hoe_core.experts.build import objective_vector, write_expert
+
+    tau = objective_vector(base=args.base, tuned=args.tuned, adapter=args.adapter)
+    cfg = TaskSVDConfig(
+        rank=args.rank, ranks=args.ranks or {}, energy=args.energy, density=args.density, rescale=args.rescale
+    )
+    summary = write_expert(tau, cfg, args.out, base_model=args.base or "")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_pico_bundle(args: argparse.Namespace) -> int:
+    from hoe_core.pico import build_pico_bundle
+
+    out = build_pico_bundle(args.out, seed=args.seed)
+    print(f"pico bundle written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hoe_core",
+        description="HoE: multi-objective LLM alignment with hierarchical experts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    g = sub.add_parser("generate", help="generate one answer at a preference")
+    g.add_argument("--bundle", required=True, type=Path, help="bundle folder")
+    g.add_argument("--prompt", required=True, help="the user's message")
+    g.add_argument(
+        "--preference",
+        required=True,
+        type=_floats,
+        help="one weight per objective, e.g. 0.2,0.5,0.3 (normalised to sum 1)",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: the bundle's")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("verify", help="check a bundle's manifest and checksums")
+    v.add_argument("--bundle", required=True, type=Path)
+    v.set_defaults(func=cmd_verify)
+
+    t = sub.add_parser("task-svd", help="objective vector -> LoRA expert by truncated SVD")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tuned", help="fully fine-tuned HF folder (tau = W_tuned - W_base)")
+    src.add_argument("--adapter", help="peft LoRA adapter folder (tau = s B A)")
+    t.add_argument("--base", help="the backbone (folder or packaged:NAME); needed with --tuned")
+    t.add_argument("--out", required=True, type=Path, help="output peft adapter folder")
+    t.add_argument("--rank", type=int, default=16, help="rank for every module type")
+    t.add_argument("--ranks", type=_ranks, help="per module type, e.g. q_proj=8,down_proj=32")
+    t.add_argument("--energy", type=float, help="keep this fraction of sum(sigma^2)")
+    t.add_argument("--density", type=float, help="magnitude-prune to this density first")
+    t.add_argument("--rescale", action="store_true", help="restore the Frobenius norm")
+    t.set_defaults(func=cmd_task_svd)
+
+    p = sub.add_parser("pico-bundle", help="write a tiny random bundle (for tests and app dev)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pico_bundle)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Per-call routing state: the anchor weights travel with the request, not the model.
+
+A :class:`Routing` lives in a ``contextvars.ContextVar`` for the duration of one forward
+or ``generate`` call. Context variables are per thread (and per asyncio task), so two
+users generating at once on one shared model never see each other's mixture. Outside a
+``use_routing`` block the HoE layers add nothing: the model is the bare backbone.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+_ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("hoe_routing", default=None)
+
+
+@dataclass
+class Routing:
+    """Anchor weights for a batch, and optional gate recording.
+
+    Attributes:
+        weights: (B, K) anchor weights per batch row (rows on the simplex).
+        record_gates: keep every layer's gates (the app's token x expert heatmap).
+        gates: module name -> list of (B, T, E) gate tensors, one per forward step.
+    """
+
+    weights: torch.Tensor
+    record_gates: bool = False
+    gates: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def weights_for(self, batch: int) -> torch.Tensor:
+        """(batch, K): rows repeated when generate expands the batch (beams, samples)."""
+        rows = self.weights.shape[0]
+        if batch == rows:
+            return self.weights
+        if batch % rows:
+            raise RuntimeError(f"batch of {batch} rows cannot use routing weights for {rows}")
+        return self.weights.repeat_interleave(batch // rows, dim=0)
+
+    def record(self, module: str, gates: torch.Tensor) -> None:
+        self.gates.setdefault(module, []).append(gates.detach().float().cpu())
+
+
+def current_routing() -> Routing | None:
+    return _ROUTING.get()
+
+
+@contextmanager
+def use_routing(weights: torch.Tensor, record_gates: bool = False) -> Iterator[Routing]:
+    """Route every HoE layer called inside the block with ``weights`` (B, K)."""
+    if weights.dim() != 2:
+        raise ValueError(f"anchor weights must be (batch, anchors), got {tuple(weights.shape)}")
+    routing = Routing(weights=weights.detach(), record_gates=record_gates)
+    token = _ROUTING.set(routing)
+    try:
+        yield routing
+    finally:
+        _ROUTING.reset(token)

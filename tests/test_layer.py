@@ -1,0 +1,168 @@
+"""The HoE layer and model against references: plain peft at a vertex, per-expert loops,
+row-by-row batches, generation without the KV cache, quantised backbones."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from hoe_core.experts.adapters import save_lora_adapter
+from hoe_core.pico import random_router
+from hoe_core.routing.layer import HoELinear
+from hoe_core.routing.model import HoEModel
+
+PREFS = [[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.4, 0.6]]
+
+
+def _hoe(model, experts, with_router=True):
+    routers = [random_router(model, "center", np.full(3, 1 / 3), experts, k=3, seed=5)] if with_router else []
+    return HoEModel(model, ["a", "b", "c"], experts, routers)
+
+
+def _ids(seq=7, batch=1, seed=0):
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("vertex", [0, 1, 2])
+def test_vertex_equals_backbone_plus_that_expert_in_plain_peft(
+    pico_model, pico_dir, three_experts, tmp_path, vertex
+):
+    save_lora_adapter(three_experts[vertex].factors, tmp_path / "e", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(pico_dir), dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(base, str(tmp_path / "e")).eval()
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(batch=2)
+    pref = np.eye(3)[vertex]
+    with torch.no_grad(), hoe.routing([pref, pref]):
+        got = hoe.model(ids).logits
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_routing_the_model_is_the_bare_backbone(pico_model, pico_dir, three_experts):
+    base = AutoModelForCausalLM.from_pretrained(str(pico_dir), dtype=torch.float32).eval()
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids()
+    with torch.no_grad():
+        assert_close(hoe.model(ids).logits, base(ids).logits)
+
+
+def test_gates_sum_to_one_per_token_and_routers_are_used(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    with torch.no_grad(), hoe.routing([[0.2, 0.5, 0.3]], record_gates=True) as r:
+        hoe.model(_ids(seq=9))
+    assert set(r.gates) == set(hoe.layers)
+    for steps in r.gates.values():
+        g = steps[0]  # (1, 9, 3)
+        assert g.shape == (1, 9, 3)
+        assert_close(g.sum(-1), torch.ones(1, 9))
+        assert g.std(dim=1).max() > 0  # token-dependent: the router is active
+
+
+def test_layer_matches_per_expert_loop_and_skips_zero_weight_experts():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
+    layer = HoELinear(base, "x", factors, routers=[([0, 2], torch.randn(2, 16), torch.randn(2))])
+    x = torch.randn(2, 5, 16)
+    weights = torch.tensor([[0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0]])  # expert 1 unused
+    from hoe_core.routing.context import use_routing
+
+    with use_routing(weights):
+        got = layer(x)
+    probs = torch.softmax(layer.gates[0](x), -1)  # (2, 5, 2)
+    g = torch.zeros(2, 5, 3)
+    g[..., 0] += weights[:, None, 0]
+    g[..., 2] += weights[:, None, 2]
+    g[..., [0, 2]] += weights[:, None, None, 3] * probs
+    want = base(x) + sum(g[..., e : e + 1] * (x @ a.T @ b.T) for e, (b, a) in enumerate(factors))
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_preferences_in_one_batch_equal_rows_one_by_one(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(batch=3, seed=3)
+    with torch.no_grad(), hoe.routing(PREFS):
+        batch = hoe.model(ids).logits
+    for i, pref in enumerate(PREFS):
+        with torch.no_grad(), hoe.routing([pref]):
+            assert_close(batch[i : i + 1], hoe.model(ids[i : i + 1]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generate_with_padding_equals_rows(pico_model, pico_tokenizer, three_experts):
+    from hoe_core.config import DecodingConfig
+    from hoe_core.generation import generate
+
+    hoe = _hoe(pico_model, three_experts)
+    prompts = ["hi", "tell me a joke please", "how?"]
+    dec = DecodingConfig(max_new_tokens=12, repetition_penalty=1.0)
+    batch = generate(hoe, pico_tokenizer, prompts, PREFS, dec)
+    for i, (p, pref) in enumerate(zip(prompts, PREFS)):
+        alone = generate(hoe, pico_tokenizer, [p], [pref], dec)[0]
+        assert batch[i].text == alone.text
+
+
+def test_generate_with_kv_cache_equals_without(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(batch=2, seed=4)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=256)
+    with torch.no_grad(), hoe.routing(PREFS[1:]):
+        cached = hoe.model.generate(ids, use_cache=True, **kw)
+        uncached = hoe.model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == ids.shape[1] + 16
+
+
+def test_concurrent_threads_never_see_each_others_mixture(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(seed=6)
+    alone = {}
+    for i, p in enumerate(PREFS):
+        with torch.no_grad(), hoe.routing([p]):
+            alone[i] = hoe.model(ids).logits
+    results, barrier = {}, threading.Barrier(len(PREFS))
+
+    def user(i):
+        with torch.no_grad(), hoe.routing([PREFS[i]]):
+            barrier.wait()
+            out = []
+            for _ in range(5):
+                out.append(hoe.model(ids).logits)
+            results[i] = out
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PREFS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in alone:
+        for logits in results[i]:
+            assert_close(logits, alone[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["nf4", "int8"])
+def test_quantised_hoe_layers_run_and_stay_close_to_fp32(pico_dir, three_experts, precision):
+    from hoe_core.backbone import load_backbone
+
+    fp32 = load_backbone(str(pico_dir), "fp32", "cpu")
+    quant = load_backbone(str(pico_dir), precision, "cpu")
+    assert quant.fingerprint == fp32.fingerprint  # identity does not depend on precision
+    layer_type = type(quant.model.model.layers[0].self_attn.q_proj).__name__
+    assert layer_type == {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[precision]
+    ref, hoe = _hoe(fp32.model, three_experts), _hoe(quant.model, three_experts)
+    assert isinstance(quant.model.model.layers[0].self_attn.q_proj, HoELinear)
+    ids = _ids(batch=2, seed=8)
+    with torch.no_grad(), ref.routing(PREFS[1:]):
+        want = ref.model(ids).logits
+    with torch.no_grad(), hoe.routing(PREFS[1:]):
+        got = hoe.model(ids).logits
+    assert torch.isfinite(got).all()
+    rel = (got - want).norm() / want.norm()
+    assert rel < 0.15, f"{precision} HoE deviates from fp32 by {rel:.3f}"
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cos > 0.98
