@@ -25,7 +25,7 @@ def _floats(text: str) -> list[float]:
         return [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--preference must be comma-separated numbers like 0.2,0.5,0.3, got {text!r}"
+            f"expected comma-separated numbers like 0.2,0.5,0.3, got {text!r}"
         ) from None
 
 
@@ -108,6 +108,28 @@ def cmd_task_svd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hoe_core.config import TaskSVDConfig
+    from hoe_core.experts.build import merged_objective_vector, objective_vector, write_expert
+    from hoe_core.routing.preference import normalize_preference
+
+    if len(args.adapters) < 2:
+        raise ValueError("--adapters needs at least two adapter folders, comma-separated")
+    anchor = normalize_preference(args.anchor, len(args.adapters))
+    params = json.loads(args.params) if args.params else {}
+    if not isinstance(params, dict):
+        raise ValueError("--params must be a JSON object, e.g. '{\"density\": 0.3}'")
+    taus = [objective_vector(adapter=a) for a in args.adapters]
+    try:
+        tau = merged_objective_vector(taus, anchor.tolist(), args.method, **params)
+    except TypeError as err:
+        raise ValueError(f"--params not accepted by merge method {args.method!r}: {err}") from None
+    cfg = TaskSVDConfig(rank=args.rank, energy=args.energy)
+    summary = write_expert(tau, cfg, args.out)
+    print(json.dumps({"anchor": anchor.tolist(), "method": args.method, **summary}, indent=2))
+    return 0
+
+
 def cmd_pico_bundle(args: argparse.Namespace) -> int:
     from hoe_core.pico import build_pico_bundle
 
@@ -158,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--density", type=float, help="magnitude-prune to this density first")
     t.add_argument("--rescale", action="store_true", help="restore the Frobenius norm")
     t.set_defaults(func=cmd_task_svd)
+
+    m = sub.add_parser("merge", help="merged multi-objective LoRA expert at an anchor preference")
+    m.add_argument(
+        "--adapters",
+        required=True,
+        type=lambda s: [p for p in s.split(",") if p],
+        help="comma-separated peft LoRA folders, one per objective",
+    )
+    m.add_argument("--anchor", required=True, type=_floats, help="weights, one per adapter")
+    m.add_argument("--method", default="ta", choices=["ta", "ties", "dare", "pcb"])
+    m.add_argument("--params", default=None, help="method parameters as JSON, e.g. '{\"density\": 0.3}'")
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("--energy", type=float, default=None)
+    m.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("pico-bundle", help="write a tiny random bundle (for tests and app dev)")
     p.add_argument("out", type=Path)

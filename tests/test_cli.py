@@ -1,21 +1,48 @@
-"""The CLI contract, end to end on a pico bundle in a subprocess."""
+"""The CLI contract on a pico bundle: once through a real subprocess, the rest in-process."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
+from hoe_core.cli import main
 
-def run(*args, check=True):
+
+def run_subprocess(*args):
+    """The real ``python -m hoe_core`` in a fresh interpreter (slow: imports peft)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hoe_core", *args], capture_output=True, text=True, env=env, timeout=300
     )
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(*args, check=True):
+    """The same entry point in-process (fast), capturing its output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse: --help and usage errors
+            code = exit_.code
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(result.stderr)
+    return result
 
 
 def test_help_lists_subcommands():
@@ -42,7 +69,7 @@ def test_pico_bundle_round_trips_through_the_cli(tmp_path):
         "1",
         "--json",
     ]
-    first = json.loads(run(*args).stdout)
+    first = json.loads(run_subprocess(*args).stdout)
     assert first["objectives"] == ["helpful", "harmless", "humor"]
     assert first["preference"] == pytest.approx({"helpful": 0.2, "harmless": 0.5, "humor": 0.3})
     assert isinstance(first["text"], str) and first["new_tokens"] == 6
@@ -56,7 +83,7 @@ def test_pico_bundle_round_trips_through_the_cli(tmp_path):
         ("1,0", "needs 3 values"),
         ("1,-1,1", ">= 0"),
         ("0,0,0", "not all be zero"),
-        ("a,b,c", "comma-separated numbers"),
+        ("a,b,c", "argument --preference: expected comma-separated numbers"),
         ("nan,1,1", "finite"),
     ],
 )
@@ -73,3 +100,28 @@ def test_task_svd_command_writes_a_peft_adapter(pico_bundle, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["ranks"] == [2] and 0 < summary["mean_energy_retained"] < 1
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_merge_command_writes_a_merged_expert_with_report(pico_bundle, tmp_path):
+    out = tmp_path / "merged"
+    experts = ",".join(str(pico_bundle / "experts" / n) for n in ("helpful", "harmless"))
+    proc = run(
+        "merge", "--adapters", experts, "--anchor", "1,1", "--method", "pcb", "--out", str(out), "--rank", "8"
+    )
+    summary = json.loads(proc.stdout)
+    assert summary["anchor"] == [0.5, 0.5] and summary["ranks"] == [8]
+    report = json.loads((out / "task_svd_report.json").read_text())
+    assert len(report["per_module"]) == summary["modules"] > 0
+    bad = run(
+        "merge",
+        "--adapters",
+        experts,
+        "--anchor",
+        "1,1",
+        "--params",
+        '{"nope": 1}',
+        "--out",
+        str(out),
+        check=False,
+    )
+    assert bad.returncode == 2 and "--params not accepted" in bad.stderr

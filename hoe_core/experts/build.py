@@ -3,7 +3,9 @@ multi-objective (merge of the tau_i at an anchor, then task-SVD)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -68,12 +70,22 @@ def report_dict(reports: list[ModuleSVDReport]) -> dict:
     }
 
 
+REPORT = "task_svd_report.json"
+
+
 def write_expert(tau: TaskVector, config: TaskSVDConfig, out_dir: str | Path, base_model: str = "") -> dict:
-    """task-SVD an objective vector and save it as a peft adapter; returns the report."""
+    """task-SVD an objective vector and save it as a peft adapter.
+
+    Also writes ``task_svd_report.json`` beside it: the config, and per module the rank,
+    retained energy and Frobenius error. Returns the summary.
+    """
     factors, reports = task_svd(tau, config)
-    save_lora_adapter(factors, out_dir, base_model=base_model)
+    out = save_lora_adapter(factors, out_dir, base_model=base_model)
     n_params = sum(f.A.numel() + f.B.numel() for f in factors.values())
-    return {"out": str(out_dir), "parameters": n_params, **report_dict(reports)}
+    summary = {"out": str(out_dir), "parameters": n_params, **report_dict(reports)}
+    detail = {"config": asdict(config), "summary": summary, "per_module": [asdict(r) for r in reports]}
+    (out / REPORT).write_text(json.dumps(detail, indent=2) + "\n")
+    return summary
 
 
 def compress(tau: TaskVector, config: TaskSVDConfig) -> tuple[dict[str, LowRankDelta], dict]:
