@@ -166,3 +166,25 @@ def test_quantised_hoe_layers_run_and_stay_close_to_fp32(pico_dir, three_experts
     assert rel < 0.15, f"{precision} HoE deviates from fp32 by {rel:.3f}"
     cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
     assert cos > 0.98
+
+
+def test_fused_inference_path_equals_trainable_path_and_follows_gate_updates():
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(1)
+    base = torch.nn.Linear(16, 12)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
+    routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([1, 2], torch.randn(2, 16), torch.randn(2))]
+    layer = HoELinear(base, "x", factors, routers=routers)
+    weights = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5, 0.0]])
+    for seq in (1, 6):
+        x = torch.randn(2, seq, 16)
+        for _step in range(2):
+            with use_routing(weights):
+                trainable = layer(x)  # grad enabled and gates require grad: reference path
+                with torch.no_grad():
+                    fused = layer(x)
+            assert trainable.requires_grad and not fused.requires_grad
+            assert_close(fused, trainable.detach(), atol=1e-5, rtol=1e-5)
+            with torch.no_grad():  # an optimiser step changes gates in place
+                layer.gates[1].weight.add_(0.5)

@@ -18,6 +18,25 @@ import torch
 _ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("hoe_routing", default=None)
 
 
+@dataclass(frozen=True)
+class RoutePlan:
+    """What every HoE layer needs from the anchor weights, computed once per call.
+
+    Attributes:
+        expert_weights: (B, 1, E) weights of the expert anchors (one-hot gates).
+        routers: (router index, (B, 1, 1) weight) for routers with weight in some row.
+        active: (E,) experts with nonzero gate anywhere in the batch; the rest are skipped.
+        key: active experts and routers as a tuple, to cache per-layer factor selections.
+    """
+
+    expert_weights: torch.Tensor
+    routers: list[tuple[int, torch.Tensor]]
+    active: torch.Tensor
+    key: tuple
+    device: torch.device
+    cache: dict = field(default_factory=dict)  # per-layer tensors derived from this plan
+
+
 @dataclass
 class Routing:
     """Anchor weights for a batch, and optional gate recording.
@@ -31,6 +50,7 @@ class Routing:
     weights: torch.Tensor
     record_gates: bool = False
     gates: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    plans: dict[tuple, RoutePlan] = field(default_factory=dict)
 
     def weights_for(self, batch: int) -> torch.Tensor:
         """(batch, K): rows repeated when generate expands the batch (beams, samples)."""
@@ -40,6 +60,24 @@ class Routing:
         if batch % rows:
             raise RuntimeError(f"batch of {batch} rows cannot use routing weights for {rows}")
         return self.weights.repeat_interleave(batch // rows, dim=0)
+
+    def plan(self, batch: int, n_experts: int, subsets: list[list[int]], device: torch.device) -> RoutePlan:
+        """The RoutePlan for this batch size, expert layout and device (cached per call)."""
+        lookup = (batch, n_experts, tuple(map(tuple, subsets)), device)
+        plan = self.plans.get(lookup)
+        if plan is None:
+            w = self.weights_for(batch).to(device)  # (B, K)
+            active = (w[:, :n_experts] > 0).any(0).cpu()
+            routers = []
+            for p, subset in enumerate(subsets):
+                w_p = w[:, n_experts + p]
+                if bool((w_p > 0).any()):
+                    routers.append((p, w_p[:, None, None]))
+                    active[subset] = True
+            key = (tuple(active.tolist()), tuple(p for p, _ in routers))
+            plan = RoutePlan(w[:, None, :n_experts], routers, active, key, device)
+            self.plans[lookup] = plan
+        return plan
 
     def record(self, module: str, gates: torch.Tensor) -> None:
         self.gates.setdefault(module, []).append(gates.detach().float().cpu())

@@ -17,10 +17,12 @@ cache stays valid during ``generate``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from hoe_core.routing.context import current_routing
+from hoe_core.routing.context import RoutePlan, current_routing
 
 
 class HoELinear(nn.Module):
@@ -69,6 +71,8 @@ class HoELinear(nn.Module):
         self.register_buffer("lora_B", b_cat.to(device, dtype).contiguous())  # (out, R)
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long, device=device))
         self.subsets: list[list[int]] = []
+        self._cache: dict = {}  # _Active per (active set, device)
+        self._fused: dict = {}  # fused [A; gates] input weights, newest only
         self.gates = nn.ModuleList()
         for subset, weight, bias in routers:
             self.add_router(subset, weight, bias, dtype=dtype)
@@ -89,6 +93,8 @@ class HoELinear(nn.Module):
             gate.bias.copy_(bias if bias is not None else torch.zeros_like(gate.bias))
         self.subsets.append(list(subset))
         self.gates.append(gate)
+        self._cache.clear()
+        self._fused.clear()
         return gate
 
     def expert_gates(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -109,6 +115,49 @@ class HoELinear(nn.Module):
             g[..., self.subsets[p]] += (w_p * probs).to(g.dtype)  # (B, T, |S_p|)
         return g
 
+    def _active(self, plan: RoutePlan) -> _Active:
+        """The plan's active experts in this layer (cached per active set and device)."""
+        key = (plan.key, plan.device)
+        act = self._cache.get(key)
+        if act is None:
+            keep = plan.active.to(self.owner.device)[self.owner]  # (R,) rank rows kept
+            owner = self.owner[keep]
+            maps = {
+                p: (owner[None, :] == torch.tensor(self.subsets[p], device=owner.device)[:, None])
+                .to(self.lora_A.dtype)
+                .to(plan.device)
+                for p, _ in plan.routers
+            }  # router p's gate outputs -> the rank rows of its experts, (|S_p|, R_a)
+            act = _Active(
+                a=self.lora_A[keep].to(plan.device),
+                b=self.lora_B[:, keep].to(plan.device),
+                owner=owner.to(plan.device),
+                maps=maps,
+            )
+            self._cache[key] = act
+        return act
+
+    def _fused_input_weights(self, plan: RoutePlan, act: _Active) -> tuple[torch.Tensor, torch.Tensor]:
+        """[A_active; W_rho ...] (R_a + sum |S_p|, in) and its bias, for one matmul over x.
+
+        Cached until a gate's weights change (``_version`` counts in-place updates)."""
+        routers = [p for p, _ in plan.routers]
+        versions = tuple((self.gates[p].weight._version, self.gates[p].bias._version) for p in routers)
+        key = (plan.key, plan.device, versions)
+        fused = self._fused.get(key)
+        if fused is None:
+            dtype, dev = act.a.dtype, plan.device
+            weight = torch.cat([act.a, *[self.gates[p].weight.detach().to(dev, dtype) for p in routers]])
+            bias = torch.cat(
+                [
+                    act.a.new_zeros(act.a.shape[0]),
+                    *[self.gates[p].bias.detach().to(dev, dtype) for p in routers],
+                ]
+            )
+            self._fused = {key: (weight, bias)}  # keep only the newest
+            fused = (weight, bias)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = current_routing()
@@ -116,23 +165,56 @@ class HoELinear(nn.Module):
             return y
         squeeze = x.dim() == 2
         x3 = x[:, None] if squeeze else x  # (B, T, in)
-        weights = routing.weights_for(x3.shape[0]).to(x3.device)  # (B, K)
-        g = self.expert_gates(x3, weights)  # (B, T, E)
+        plan = routing.plan(x3.shape[0], self.n_experts, self.subsets, x3.device)
         if routing.record_gates:
-            routing.record(self.name, g)
-        active = g.detach().flatten(0, 1).abs().amax(0) > 0  # (E,)
-        a, b, owner = self.lora_A, self.lora_B, self.owner
-        if not bool(active.all()):
-            keep = active[owner]  # (R,) rank rows of active experts
-            a, b, owner = a[keep], b[:, keep], owner[keep]
-            if a.shape[0] == 0:
-                return y
-        h = x3.to(a.dtype) @ a.T  # (B, T, R_active)
-        h = h * g.to(a.dtype)[..., owner]
-        delta = h @ b.T  # (B, T, out)
+            routing.record(self.name, self.expert_gates(x3, routing.weights_for(x3.shape[0]).to(x3.device)))
+        act = self._active(plan)
+        if act.a.shape[0] == 0:
+            return y
+        training = torch.is_grad_enabled() and any(
+            self.gates[p].weight.requires_grad for p, _ in plan.routers
+        )
+        delta = self._mixture_trainable(x3, plan, act) if training else self._mixture_fused(x3, plan, act)
         if squeeze:
             delta = delta[:, 0]
         return y + delta.to(y.dtype)
+
+    def _mixture_trainable(self, x: torch.Tensor, plan: RoutePlan, act: _Active) -> torch.Tensor:
+        """Reference path, differentiable in the router gates. x (B, T, in) -> (B, T, out)."""
+        xa = x.to(act.a.dtype)
+        g = plan.expert_weights.to(act.a.dtype)[..., act.owner]  # (B, 1, R_a): fixed part
+        for p, w_p in plan.routers:  # token-dependent part: sum_p w_p softmax(W_p x) on S_p
+            probs = torch.softmax(self.gates[p](xa).float(), -1).to(act.a.dtype)  # (B, T, |S_p|)
+            g = g + (w_p.to(act.a.dtype) * probs) @ act.maps[p]  # (B, T, R_a)
+        return ((xa @ act.a.T) * g) @ act.b.T
+
+    def _mixture_fused(self, x: torch.Tensor, plan: RoutePlan, act: _Active) -> torch.Tensor:
+        """Inference path: one matmul for the active A's and all active gates, the routers'
+        weights folded into their one-hot maps, batched matmuls. Same result as above."""
+        xa = x.to(act.a.dtype)
+        weight, bias = self._fused_input_weights(plan, act)
+        h_all = torch.nn.functional.linear(xa, weight, bias)  # (B, T, R_a + sum |S_p|)
+        sizes = [act.a.shape[0]] + [act.maps[p].shape[0] for p, _ in plan.routers]
+        h, *logits = h_all.split(sizes, dim=-1)
+        per_call = plan.cache.get(self.name)
+        if per_call is None:  # this call's weights, gathered onto this layer's rank rows
+            g_fixed = plan.expert_weights.to(act.a.dtype)[..., act.owner]  # (B, 1, R_a)
+            maps_w = [w_p.to(act.a.dtype) * act.maps[p] for p, w_p in plan.routers]  # (B, |S_p|, R_a)
+            per_call = plan.cache[self.name] = (g_fixed, maps_w)
+        g, maps_w = per_call
+        for z, m in zip(logits, maps_w):
+            g = torch.baddbmm(g, torch.softmax(z, -1), m)  # g (B, 1|T, R_a) broadcasts
+        return torch.bmm(h * g, act.b.T.expand(h.shape[0], -1, -1))
+
+
+@dataclass
+class _Active:
+    """One layer's factors restricted to the active experts."""
+
+    a: torch.Tensor  # (R_a, in)
+    b: torch.Tensor  # (out, R_a)
+    owner: torch.Tensor  # (R_a,) expert of each rank row
+    maps: dict[int, torch.Tensor]  # active router p -> (|S_p|, R_a) one-hot
 
 
 def _device_of(module: nn.Module) -> torch.device:
