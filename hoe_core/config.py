@@ -25,6 +25,9 @@ LLAMA_TARGETS: tuple[str, ...] = (
     "down_proj",
 )
 
+#: Prompts longer than this many characters are cut (generation) or refused (prompt sets).
+MAX_PROMPT_CHARS = 4000
+
 T = TypeVar("T")
 
 

@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hoe_core.config import DecodingConfig
+from hoe_core.config import MAX_PROMPT_CHARS, DecodingConfig
 from hoe_core.routing.model import HoEModel
 from hoe_core.routing.preference import normalize_preference
-
-MAX_PROMPT_CHARS = 4000  # longer prompts are cut to this many characters (said in the docs)
 
 
 @dataclass
