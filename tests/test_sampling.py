@@ -6,9 +6,9 @@ import pytest
 from hoe_core.training.sampling import (
     Sample,
     SamplingConfig,
-    load_samples,
     preference_pairs,
     sample_and_score,
+    sample_responses,
 )
 
 
@@ -27,21 +27,29 @@ def test_sampling_caches_scores_and_resumes_identically(pico_model, pico_tokeniz
     assert len(first) == len(PROMPTS) * cfg.k
     assert [s.prompt_id for s in first] == [pid for pid, _ in PROMPTS for _ in range(2)]
     assert all(s.rewards["long"] == len(s.response) for s in first)
-    chunks = sorted((tmp_path / "c").glob("chunk_*.jsonl"))
+    chunks = sorted((tmp_path / "c" / "responses").glob("chunk_*.jsonl"))
     assert len(chunks) == 3  # 2 prompts x 2 samples per chunk of 4 rows
     kept = chunks[0].stat().st_mtime_ns
     chunks[1].unlink()  # an interrupted run lost this chunk
     again = sample_and_score(pico_model, pico_tokenizer, PROMPTS, rewards, cfg, tmp_path / "c")
     assert again == first
     assert chunks[0].stat().st_mtime_ns == kept  # done chunks are not resampled
+    scores = tmp_path / "c" / "scores" / "long.json"
+    stamp = scores.stat().st_mtime_ns
+    sample_and_score(pico_model, pico_tokenizer, PROMPTS, rewards, cfg, tmp_path / "c")
+    assert scores.stat().st_mtime_ns == stamp  # same responses: scores reused
+    chunks[2].write_text(chunks[2].read_text().replace('"response": "', '"response": "x'))
+    rescored = sample_and_score(pico_model, pico_tokenizer, PROMPTS, rewards, cfg, tmp_path / "c")
+    assert scores.stat().st_mtime_ns != stamp and rescored[-1].response.startswith("x")
 
 
-def test_load_samples_reports_missing_chunks_and_bad_lines(tmp_path):
-    (tmp_path / "chunk_00000.jsonl").write_text('{"prompt_id": "a"}\n')
-    with pytest.raises(RuntimeError, match="1 of 2 chunks"):
-        load_samples(tmp_path, expected_chunks=2)
+def test_bad_cache_lines_are_reported_with_file_and_line(pico_model, pico_tokenizer, tmp_path):
+    cfg = SamplingConfig(k=2, max_new_tokens=4, batch_size=4)
+    cache = tmp_path / "r"
+    cache.mkdir()
+    (cache / "chunk_00000.jsonl").write_text('{"prompt_id": "a"}\n')
     with pytest.raises(ValueError, match="chunk_00000.jsonl:1: bad sample record"):
-        load_samples(tmp_path)
+        sample_responses(pico_model, pico_tokenizer, PROMPTS[:2], cfg, cache)
 
 
 def test_preference_pairs_take_best_and_worst_per_prompt():

@@ -1,8 +1,9 @@
 """Recipe step 1: sample k responses per prompt from the backbone, score them with every
-reward model, and cache the result on disk (resumable, shared by all objectives).
+reward model, and cache both on disk (resumable, shared by all objectives).
 
-    prompts ──chunks of `batch_size`──► generate k samples each ──► score ──► chunk_00007.jsonl
-                                                                   (atomic write; done chunks skipped)
+    prompts ──chunks of `batch_size`──► k samples each ──► responses/chunk_00007.jsonl
+                                        (seeded per chunk; atomic write; done chunks skipped)
+    responses ──every reward──► scores/<reward>.json (reused while the responses are unchanged)
 
 Under ``accelerate launch`` each process takes its share of the chunks
 (``PartialState.split_between_processes``) and the main process waits for all.
@@ -87,23 +88,13 @@ def _sample_chunk(model, tokenizer, prompts: list[str], cfg: SamplingConfig, see
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def sample_and_score(
-    model,
-    tokenizer,
-    prompts: Sequence[tuple[str, str]],
-    rewards: Mapping[str, Scorer],
-    cfg: SamplingConfig,
-    cache_dir: str | Path,
-) -> list[Sample]:
-    """Sample, score and cache; returns every sample (from cache where present).
+def sample_responses(
+    model, tokenizer, prompts: Sequence[tuple[str, str]], cfg: SamplingConfig, cache_dir: str | Path
+) -> list[dict]:
+    """Sample k responses per prompt into ``cache_dir/chunk_*.jsonl`` (resumable).
 
-    Args:
-        model: a causal LM (the backbone, no experts active).
-        prompts: (id, text) pairs.
-        rewards: objective name -> reward model with ``score(prompts, responses) -> (B,)``.
-        cfg: sampling settings; chunk i is seeded with ``cfg.seed + i``, so a resumed run
-            gives the same samples as an uninterrupted one.
-        cache_dir: folder of ``chunk_*.jsonl``; delete it to resample.
+    Chunk i is seeded with ``cfg.seed + i``, so a resumed run gives the same samples as an
+    uninterrupted one. Returns records {"prompt_id", "prompt", "response"}, prompt-major.
     """
     from accelerate import PartialState
 
@@ -114,47 +105,78 @@ def sample_and_score(
     state = PartialState()
     todo = [i for i in range(len(chunks)) if not _chunk_path(cache, i).is_file()]
     with state.split_between_processes(todo) as mine:
-        for i in tqdm(mine, desc="sample + score", unit="chunk", disable=not state.is_local_main_process):
+        for i in tqdm(mine, desc="sample", unit="chunk", disable=not state.is_local_main_process):
             ids, texts = zip(*chunks[i])
             responses = _sample_chunk(model, tokenizer, list(texts), cfg, cfg.seed + i)
-            rep_prompts = [t for t in texts for _ in range(cfg.k)]
-            rep_ids = [x for x in ids for _ in range(cfg.k)]
-            scores = {
-                name: np.asarray(rm.score(rep_prompts, responses), float) for name, rm in rewards.items()
-            }
-            lines = [
-                json.dumps(
-                    {
-                        "prompt_id": pid,
-                        "prompt": p,
-                        "response": r,
-                        "rewards": {n: float(s[j]) for n, s in scores.items()},
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-                for j, (pid, p, r) in enumerate(zip(rep_ids, rep_prompts, responses))
+            records = [
+                {"prompt_id": pid, "prompt": p, "response": r}
+                for (pid, p), r in zip([(x, t) for x, t in zip(ids, texts) for _ in range(cfg.k)], responses)
             ]
-            _write_atomic(_chunk_path(cache, i), lines)
+            _write_atomic(_chunk_path(cache, i), [json.dumps(r, ensure_ascii=False) + "\n" for r in records])
     state.wait_for_everyone()
-    return load_samples(cache, expected_chunks=len(chunks))
-
-
-def load_samples(cache_dir: str | Path, expected_chunks: int | None = None) -> list[Sample]:
-    """Read a sample cache; with ``expected_chunks``, fail clearly if some are missing."""
-    cache = Path(cache_dir)
     files = sorted(cache.glob("chunk_*.jsonl"))
-    if expected_chunks is not None and len(files) != expected_chunks:
-        raise RuntimeError(f"sample cache {cache} has {len(files)} of {expected_chunks} chunks")
-    samples = []
+    if len(files) != len(chunks):
+        raise RuntimeError(f"sample cache {cache} has {len(files)} of {len(chunks)} chunks")
+    records = []
     for f in files:
         for line_no, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 d = json.loads(line)
-                samples.append(Sample(d["prompt_id"], d["prompt"], d["response"], dict(d["rewards"])))
+                records.append({k: d[k] for k in ("prompt_id", "prompt", "response")})
             except (json.JSONDecodeError, KeyError) as err:
                 raise ValueError(f"{f}:{line_no}: bad sample record ({err})") from None
-    return samples
+    return records
+
+
+def score_responses(
+    records: Sequence[dict], rewards: Mapping[str, Scorer], cache_dir: str | Path
+) -> list[Sample]:
+    """Score every record with every reward, caching ``scores/<name>.json`` per reward.
+
+    A reward's cache is reused only if it was computed on exactly these responses (sha256
+    of the texts), so resampling or new prompts rescore automatically."""
+    import hashlib
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(
+        "\x00".join(r["prompt"] + "\x01" + r["response"] for r in records).encode()
+    ).hexdigest()
+    prompts = [r["prompt"] for r in records]
+    responses = [r["response"] for r in records]
+    values: dict[str, list[float]] = {}
+    for name, rm in rewards.items():
+        path = cache / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("responses_sha256") == digest:
+                values[name] = saved["values"]
+                continue
+        values[name] = [float(v) for v in np.asarray(rm.score(prompts, responses), float)]
+        _write_atomic(path, [json.dumps({"responses_sha256": digest, "values": values[name]}) + "\n"])
+    return [
+        Sample(r["prompt_id"], r["prompt"], r["response"], {n: values[n][j] for n in rewards})
+        for j, r in enumerate(records)
+    ]
+
+
+def sample_and_score(
+    model,
+    tokenizer,
+    prompts: Sequence[tuple[str, str]],
+    rewards: Mapping[str, Scorer],
+    cfg: SamplingConfig,
+    cache_dir: str | Path,
+) -> list[Sample]:
+    """Recipe step 1: ``cache_dir/responses`` (sampled once) + ``cache_dir/scores`` (per reward).
+
+    Args:
+        model: a causal LM (the backbone, no experts active).
+        prompts: (id, text) pairs.
+        rewards: objective name -> reward model with ``score(prompts, responses) -> (B,)``.
+    """
+    records = sample_responses(model, tokenizer, prompts, cfg, Path(cache_dir) / "responses")
+    return score_responses(records, rewards, Path(cache_dir) / "scores")
 
 
 def preference_pairs(samples: Sequence[Sample], objective: str, min_gap: float = 0.0) -> list[dict]:
