@@ -16,10 +16,12 @@ and safetensors are read. A failed load changes nothing on disk.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -235,10 +237,61 @@ def write_bundle(
     ``backbone_dir`` copies a (small) backbone folder into ``<bundle>/backbone`` and
     records the spec as that relative folder.
     """
-    from hoe_core.experts.adapters import save_lora_adapter
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a fresh sibling folder and swapped in at the end: a failed or partial
+    # write never leaves a half-bundle, and no stale file from an older bundle survives.
+    root = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        _write_contents(
+            root,
+            name=name,
+            backbone_spec=backbone_spec,
+            fingerprint=fingerprint,
+            objectives=objectives,
+            experts=experts,
+            routers=routers,
+            expert_info=expert_info,
+            router_info=router_info,
+            decoding=decoding,
+            recipe=recipe,
+            rewards=rewards,
+            backbone_dir=backbone_dir,
+            command=command,
+        )
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        root.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        root.rename(final)
+    return final
 
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+
+def _write_contents(
+    root: Path,
+    *,
+    name: str,
+    backbone_spec: str,
+    fingerprint: str,
+    objectives: Sequence[str],
+    experts: Sequence[LoraExpert],
+    routers: Sequence[RouterExpert] = (),
+    expert_info: dict[str, dict] | None = None,
+    router_info: dict[str, dict] | None = None,
+    decoding: DecodingConfig | None = None,
+    recipe: dict[str, Any] | None = None,
+    rewards: dict[str, Any] | None = None,
+    backbone_dir: str | Path | None = None,
+    command: Sequence[str] | None = None,
+) -> None:
+    """write_bundle's work, into ``root``."""
+    from hoe_core.experts.adapters import save_lora_adapter  # peft: imported only to write
+
     if backbone_dir is not None:
         shutil.copytree(backbone_dir, root / "backbone", dirs_exist_ok=True)
         backbone_spec = "backbone"
@@ -287,7 +340,6 @@ def write_bundle(
     )
     parse_manifest(root, json.loads(manifest.to_json()))  # never write what we cannot read
     (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-    return root
 
 
 @dataclass

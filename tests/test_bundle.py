@@ -114,3 +114,36 @@ def test_truncated_safetensors_with_matching_checksum_is_refused(pico_bundle, tm
     _edit_manifest(b, lambda m: m["files"].update({rel: sha256_file(b / rel)}))
     with pytest.raises(BundleError, match="expert 'humor'.*cannot be read"):
         load_bundle(b, device="cpu")
+
+
+def test_rewriting_a_bundle_replaces_it_whole(pico_bundle, tmp_path):
+    from hoe_core.bundle import write_bundle
+    from hoe_core.routing.model import LoraExpert
+
+    b = _copy(pico_bundle, tmp_path)
+    (b / "stale.txt").write_text("from an older bundle")
+    m = read_manifest(b)
+    loaded = load_bundle(b, device="cpu")
+    experts = [LoraExpert(name=e.name, anchor=np.asarray(e.anchor), factors={}) for e in m.experts]
+    with pytest.raises(ValueError, match="at least one module"):  # a failed write keeps the old bundle
+        write_bundle(
+            b, name="x", backbone_spec="backbone", fingerprint="f", objectives=m.objectives, experts=experts
+        )
+    assert (b / "stale.txt").is_file() and verify_bundle(b).name == "pico"
+    from hoe_core.experts.adapters import load_lora_adapter
+
+    experts = [
+        LoraExpert(name=e.name, anchor=np.asarray(e.anchor), factors=load_lora_adapter(b / e.path))
+        for e in m.experts
+    ]
+    write_bundle(
+        b,
+        name="again",
+        backbone_spec=m.backbone["spec"],
+        fingerprint=m.backbone["fingerprint"],
+        objectives=m.objectives,
+        experts=experts,
+        backbone_dir=loaded.backbone.folder,
+    )
+    assert not (b / "stale.txt").exists() and verify_bundle(b).name == "again"
+    assert not list(tmp_path.glob(".b.*"))  # no temporary folders left behind
