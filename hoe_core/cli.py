@@ -130,6 +130,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from hoe_core.training.recipe import build
+    from hoe_core.training.recipe_config import load_recipe
+
+    cfg = load_recipe(args.recipe)
+    out = args.out or Path("assets") / cfg.name
+    build(cfg, out, work_dir=args.work_dir, command=["python", "-m", "hoe_core", *sys.argv[1:]])
+    print(f"bundle written to {out}")
+    return 0
+
+
 def cmd_pico_bundle(args: argparse.Namespace) -> int:
     from hoe_core.pico import build_pico_bundle
 
@@ -195,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rank", type=int, default=16)
     m.add_argument("--energy", type=float, default=None)
     m.set_defaults(func=cmd_merge)
+
+    b = sub.add_parser(
+        "build", help="run a build recipe (sample, DPO experts, task-SVD, merge, routers) -> bundle"
+    )
+    b.add_argument("--recipe", required=True, type=Path, help="configs/<name>.yaml")
+    b.add_argument("--out", type=Path, default=None, help="bundle folder (default: assets/<name>)")
+    b.add_argument(
+        "--work-dir", type=Path, default=None, help="resumable step outputs (default: build-cache/<name>)"
+    )
+    b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("pico-bundle", help="write a tiny random bundle (for tests and app dev)")
     p.add_argument("out", type=Path)

@@ -188,3 +188,14 @@ def test_fused_inference_path_equals_trainable_path_and_follows_gate_updates():
             assert_close(fused, trainable.detach(), atol=1e-5, rtol=1e-5)
             with torch.no_grad():  # an optimiser step changes gates in place
                 layer.gates[1].weight.add_(0.5)
+
+
+def test_detach_restores_the_bare_backbone(pico_model, pico_dir, three_experts):
+    ids = _ids(seed=9)
+    with torch.no_grad():
+        before = pico_model(ids).logits
+    hoe = _hoe(pico_model, three_experts)
+    model = hoe.detach()
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert_close(model(ids).logits, before)

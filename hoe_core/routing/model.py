@@ -92,6 +92,14 @@ class HoEModel:
         if unknown:
             raise ValueError(f"experts touch modules the model lacks: {sorted(unknown)[:3]}...")
 
+    def detach(self) -> nn.Module:
+        """Put the original linears back; returns the bare model (this object is unusable after)."""
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, layer.base)
+        self.layers = {}
+        return self.model
+
     @property
     def n_experts(self) -> int:
         return len(self.expert_names)

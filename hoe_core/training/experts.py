@@ -83,6 +83,7 @@ def train_dpo_expert(
         report_to=[],
         seed=cfg.seed,
         bf16=False,
+        gradient_checkpointing=False,  # memory is plentiful here; checkpointing only costs time
         disable_tqdm=False,
     )
     lora = LoraConfig(

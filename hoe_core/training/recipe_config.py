@@ -1,0 +1,129 @@
+"""The build recipe as a typed config, loaded from ``configs/<name>.yaml``.
+
+Every step's settings live in one frozen dataclass; unknown keys fail loudly (a typo in a
+recipe must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hoe_core.config import DecodingConfig, TaskSVDConfig, from_dict
+from hoe_core.training.experts import ExpertTrainingConfig
+from hoe_core.training.routers import RouterTrainingConfig
+from hoe_core.training.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where train / val prompts come from: ``assets`` (assets/prompts splits) or ``inline``."""
+
+    source: str = "assets"
+    root: str = "assets/prompts"
+    max_train: int | None = None  # cap for quick builds
+    max_val: int | None = None
+    train: tuple[str, ...] = ()  # inline prompts (source: inline)
+    val: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Step 4: merged experts at anchors; the method is chosen by hypervolume on val."""
+
+    methods: tuple[str, ...] = ("ta", "ties", "pcb")
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
+    grid: int = 3  # points per simplex edge for the selection front
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Step 5: one router expert, anchored at ``anchor``, over its ``k`` nearest experts."""
+
+    name: str
+    anchor: tuple[float, ...]
+    k: int = 3
+    training: RouterTrainingConfig = RouterTrainingConfig()
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """A whole build: recipe YAML -> bundle."""
+
+    name: str
+    objectives: tuple[str, ...]
+    backbone: str = "packaged:smollm2-135m-instruct"  # or "pico" for a tiny random model
+    prompts: PromptSource = PromptSource()
+    sampling: SamplingConfig = SamplingConfig()
+    experts: ExpertTrainingConfig = ExpertTrainingConfig()
+    task_svd: TaskSVDConfig = TaskSVDConfig()
+    anchors: tuple[tuple[float, ...], ...] = ()  # merged multi-objective experts
+    merge: MergeConfig = MergeConfig()
+    routers: tuple[RouterSpec, ...] = ()
+    ablation_linear: bool = True  # also train each router with linear scalarisation (reported only)
+    reward_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decoding: DecodingConfig = DecodingConfig()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.objectives)
+        if n < 2:
+            raise ValueError(f"a recipe needs at least two objectives, got {list(self.objectives)}")
+        for a in [*self.anchors, *(r.anchor for r in self.routers)]:
+            if len(a) != n or min(a) < 0 or abs(sum(a) - 1) > 1e-6:
+                raise ValueError(f"anchor {list(a)} must be {n} non-negative numbers summing to 1")
+
+
+def _nested(cls, data: dict | None):
+    return from_dict(cls, data or {})
+
+
+def load_recipe(path: str | Path) -> RecipeConfig:
+    """Parse and validate a recipe YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    raw = dict(raw)
+    prompts = dict(raw.pop("prompts", {}) or {})
+    for key in ("train", "val"):
+        if key in prompts:
+            prompts[key] = tuple(prompts[key])
+    task_svd = dict(raw.pop("task_svd", {}) or {})
+    merge = dict(raw.pop("merge", {}) or {})
+    if "methods" in merge:
+        merge["methods"] = tuple(merge["methods"])
+    experts = dict(raw.pop("experts", {}) or {})
+    if "targets" in experts:
+        experts["targets"] = tuple(experts["targets"])
+    routers = tuple(
+        RouterSpec(
+            name=r["name"],
+            anchor=tuple(float(x) for x in r["anchor"]),
+            k=int(r.get("k", 3)),
+            training=_nested(RouterTrainingConfig, r.get("training")),
+        )
+        for r in raw.pop("routers", []) or []
+    )
+    return from_dict(
+        RecipeConfig,
+        {
+            **raw,
+            "objectives": tuple(raw.get("objectives", ())),
+            "anchors": tuple(tuple(float(x) for x in a) for a in raw.get("anchors", ())),
+            "prompts": _nested(PromptSource, prompts),
+            "sampling": _nested(SamplingConfig, raw.get("sampling")),
+            "experts": _nested(ExpertTrainingConfig, experts),
+            "task_svd": _nested(TaskSVDConfig, task_svd),
+            "merge": _nested(MergeConfig, merge),
+            "routers": routers,
+            "decoding": _nested(DecodingConfig, raw.get("decoding")),
+        },
+    )
