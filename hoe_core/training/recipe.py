@@ -47,7 +47,10 @@ def _prompts(cfg: RecipeConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
 
     def pairs(split: str, cap: int | None) -> list[tuple[str, str]]:
         records = load_prompts(split, Path(src.root))
-        return [(r.id, r.prompt) for r in records][: cap or None]
+        if cap and cap < len(records):  # evenly spaced: the files are grouped by source
+            keep = np.linspace(0, len(records) - 1, cap).round().astype(int)
+            records = [records[i] for i in keep]
+        return [(r.id, r.prompt) for r in records]
 
     return pairs("train", src.max_train), pairs("val", src.max_val), pairs("eval", src.max_val)
 
