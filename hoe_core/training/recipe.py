@@ -162,10 +162,20 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 factors, report = compress(tau, cfg.task_svd)
                 name = "merge-" + "-".join(f"{x:.2f}" for x in a)
                 merged.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
-            hoe = HoEModel(bb.model, cfg.objectives, experts + [m for m, _ in merged])
-            rows = _evaluate_at(hoe, tok, val, grid, cfg, rewards, norms, cfg.merge.max_new_tokens, method)
-            hoe.detach()
-            _, means = mean_front(rows, cfg.objectives)
+            cached = work / "merge" / f"{method}.json"  # delete build-cache/<name>/merge to redo
+            if cached.is_file():
+                means = np.array(json.loads(cached.read_text())["mean_rewards"])
+            else:
+                hoe = HoEModel(bb.model, cfg.objectives, experts + [m for m, _ in merged])
+                rows = _evaluate_at(
+                    hoe, tok, val, grid, cfg, rewards, norms, cfg.merge.max_new_tokens, method
+                )
+                hoe.detach()
+                prefs, means = mean_front(rows, cfg.objectives)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(
+                    json.dumps({"preferences": prefs.tolist(), "mean_rewards": means.tolist()}) + "\n"
+                )
             selection[method] = hypervolume(means, np.full(n, HV_REFERENCE))
             candidates[method] = merged
             _log(f"merge {method}: val hypervolume {selection[method]:.4f}")
@@ -216,8 +226,11 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     hoe = HoEModel(bb.model, cfg.objectives, experts, routers)
     decoding = DecodingConfig(**{**asdict(cfg.decoding), "temperature": 0.0})
     points = {"base": None, **{o: _vertex(n, i) for i, o in enumerate(cfg.objectives)}}
-    evaluation = {}
+    cached_eval = work / "report_eval.json"
+    evaluation = json.loads(cached_eval.read_text()) if cached_eval.is_file() else {}
     for label, lam in points.items():
+        if label in evaluation:
+            continue
         if lam is None:  # outside a routing block the model is the bare backbone
             from hoe_core.generation import encode_chat, generate_kwargs
 
@@ -255,6 +268,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         evaluation[label] = {
             o: asdict(mean_ci(np.array([r[f"r_{o}"] for r in rows]))) for o in cfg.objectives
         }
+        cached_eval.write_text(json.dumps(evaluation, indent=2) + "\n")
     hoe.detach()
     report["eval_normalised_rewards"] = evaluation
     lap("report", t0)
