@@ -24,6 +24,16 @@ def test_pico_recipe_builds_a_loadable_bundle_and_resumes(tmp_path):
     report = m.recipe["report"]
     assert set(report["merge_selection_hv"]) == {"ta", "pcb"}
     assert {"base", "concise", "simple"} <= set(report["eval_normalised_rewards"])
+    sweep = report["rank_sweep"]
+    assert set(sweep["retained"]) == {"2", "4"} and sweep["chosen_rank"] in (2, 4)
+    met = [r for r, v in sweep["retained"].items() if all(x is None or x >= 0.9 for x in v)]
+    assert sweep["target_met"] == bool(met)
+    if met:  # the smallest rank that keeps the gain is the one used
+        assert sweep["chosen_rank"] == min(int(r) for r in met)
+    assert all(e.info["task_svd"]["ranks"] == [sweep["chosen_rank"]] for e in m.experts)
+    assert len(report["ideal_point"]) == 2
+    tcheb = json.loads((tmp_path / "work" / "routers" / "center-tchebycheff.json").read_text())
+    np.testing.assert_allclose(tcheb["ideal"], np.array(report["ideal_point"]) + 0.1)
     assert set(m.rewards) == {"concise", "simple"} and "normalizer" in m.rewards["concise"]
     curves = json.loads((tmp_path / "work" / "routers" / "center-linear.json").read_text())["curve"]
     assert len(curves) == 2 and "reward_concise" in curves[0]

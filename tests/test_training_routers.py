@@ -47,7 +47,7 @@ def test_router_training_updates_only_the_router(
         steps=3, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, scalarization=scalarization
     )
     summary = train_router(
-        hoe, pico_tokenizer, 0, ["hello", "tell me", "why?"], rewards, norms, cfg, tmp_path
+        hoe, pico_tokenizer, 0, ["hello", "tell me", "why?"], rewards, norms, cfg, tmp_path, ideal=[0.5] * 3
     )
     assert len(summary["curve"]) == 3 and {"reward_a", "reward_b", "reward_c", "w"} <= set(
         summary["curve"][0]
@@ -62,3 +62,15 @@ def test_router_training_updates_only_the_router(
     assert not any(p.requires_grad for p in hoe.router_parameters(0))
     exported = hoe.export_router(0)
     assert set(exported.gates) == set(hoe.layers)
+
+
+def test_tchebycheff_router_training_needs_a_valid_ideal_point(pico_model, pico_tokenizer, three_experts):
+    router = random_router(pico_model, "center", np.full(3, 1 / 3), three_experts, k=3, seed=2)
+    hoe = HoEModel(pico_model, ["a", "b", "c"], three_experts, [router])
+    rewards = {o: HashReward(97) for o in "abc"}
+    norms = {o: (lambda x: x) for o in "abc"}
+    cfg = RouterTrainingConfig(steps=1, prompts_per_step=1, samples_per_prompt=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="ideal point"):
+        train_router(hoe, pico_tokenizer, 0, ["hi"], rewards, norms, cfg)
+    with pytest.raises(ValueError, match="3 finite numbers"):
+        train_router(hoe, pico_tokenizer, 0, ["hi"], rewards, norms, cfg, ideal=[0.1, float("nan"), 0.2])

@@ -80,3 +80,20 @@ def hoe_method(hoe, tokenizer, decoding) -> Method:
         return [g.text for g in generate(hoe, tokenizer, list(prompts), [lam] * len(prompts), decoding)]
 
     return run
+
+
+def model_method(model, tokenizer, decoding) -> Method:
+    """A plain causal LM as a Method (the preference is ignored): the base model, or any
+    HoE-wrapped model outside a routing block (which is the bare backbone)."""
+    import torch
+
+    from hoe_core.generation import encode_chat, generate_kwargs
+
+    def run(prompts: Sequence[str], lam: np.ndarray) -> list[str]:
+        enc = encode_chat(tokenizer, list(prompts), next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(**enc, **generate_kwargs(decoding, tokenizer))
+        plen = enc["input_ids"].shape[1]
+        return [tokenizer.decode(r[plen:], skip_special_tokens=True).strip() for r in out]
+
+    return run

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from hoe_core.config import DecodingConfig
-from hoe_core.evaluation.front import evaluate_grid, hoe_method, mean_front
+from hoe_core.evaluation.front import evaluate_grid, hoe_method, mean_front, model_method
 from hoe_core.evaluation.metrics import hypervolume, mean_ci, simplex_grid
 from hoe_core.experts.adapters import load_lora_adapter
 from hoe_core.experts.build import compress, merged_objective_vector
@@ -52,7 +52,11 @@ def _prompts(cfg: RecipeConfig) -> tuple[list[tuple[str, str]], list[tuple[str, 
             records = [records[i] for i in keep]
         return [(r.id, r.prompt) for r in records]
 
-    return pairs("train", src.max_train), pairs("val", src.max_val), pairs("eval", src.max_val)
+    return (
+        pairs("train", src.max_train),
+        pairs("val", src.max_val),
+        pairs("eval", src.max_eval or src.max_val),
+    )
 
 
 def _backbone(cfg: RecipeConfig, work: Path):
@@ -73,20 +77,24 @@ def _vertex(n: int, i: int) -> np.ndarray:
     return v
 
 
-def _evaluate_at(hoe: HoEModel, tok, prompts, grid, cfg: RecipeConfig, rewards, norms, max_new_tokens, name):
-    decoding = DecodingConfig(
-        **{**asdict(cfg.decoding), "max_new_tokens": max_new_tokens, "temperature": 0.0}
-    )
-    return evaluate_grid(
-        name,
-        hoe_method(hoe, tok, decoding),
-        prompts,
-        grid,
-        cfg.objectives,
-        rewards,
-        norms,
-        batch_size=cfg.merge.batch_size,
-    )
+def _cached_rows(path: Path, compute, *args) -> list[dict]:
+    """Evaluation rows from ``path`` if a previous run wrote them, else ``compute(*args)``, written."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = compute(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows) + "\n")
+    return rows
+
+
+def _own_means(rows: list[dict], objectives) -> np.ndarray:
+    """(N,) mean reward of objective i over the rows at vertex preference i."""
+    return np.array([np.mean([r[f"r_{o}"] for r in rows if r[f"w_{o}"] == 1.0]) for o in objectives])
+
+
+def _retained(base: np.ndarray, full: np.ndarray, at_rank: np.ndarray) -> list[float | None]:
+    """Fraction of each expert's own-objective gain over the base kept at a rank (None: no gain)."""
+    return [None if f - b <= 0 else float((r - b) / (f - b)) for b, f, r in zip(base, full, at_rank)]
 
 
 def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = None, command=None) -> Path:
@@ -134,17 +142,105 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     taus = {o: dict(load_lora_adapter(work / "dpo" / o)) for o in cfg.objectives}
     lap("experts", t0)
 
-    # 3. task-SVD -> single-objective LoRA experts at the vertices
+    # 3. task-SVD -> single-objective LoRA experts at the vertices; the rank from a sweep on val
     t0 = time.perf_counter()
-    experts, expert_info = [], {}
-    for i, o in enumerate(cfg.objectives):
-        factors, report = compress(taus[o], cfg.task_svd)
-        experts.append(LoraExpert(name=o, anchor=_vertex(n, i), factors=factors))
-        expert_info[o] = {
+    val_decoding = DecodingConfig(
+        **{**asdict(cfg.decoding), "max_new_tokens": cfg.merge.max_new_tokens, "temperature": 0.0}
+    )
+
+    def evaluate(method_name, method, grid):
+        return evaluate_grid(
+            method_name,
+            method,
+            val,
+            grid,
+            cfg.objectives,
+            rewards,
+            norms,
+            batch_size=cfg.merge.batch_size,
+        )
+
+    def evaluate_hoe(method_name, hoe_experts, grid):
+        hoe = HoEModel(bb.model, cfg.objectives, hoe_experts)
+        try:
+            return evaluate(method_name, hoe_method(hoe, tok, val_decoding), grid)
+        finally:
+            hoe.detach()
+
+    def single_experts(task_cfg):
+        out, reports = [], {}
+        for i, o in enumerate(cfg.objectives):
+            factors, reports[o] = compress(taus[o], task_cfg)
+            out.append(LoraExpert(name=o, anchor=_vertex(n, i), factors=factors))
+        return out, reports
+
+    vertices = np.eye(n)
+    sweep_report = None
+    task_cfg = cfg.task_svd
+    if cfg.rank_sweep.ranks:
+        uniform = np.full((1, n), 1 / n)
+        base_rows = _cached_rows(
+            work / "val_rows" / "base.json",
+            evaluate,
+            "base",
+            model_method(bb.model, tok, val_decoding),
+            uniform,
+        )
+        base_own = np.array([np.mean([r[f"r_{o}"] for r in base_rows]) for o in cfg.objectives])
+        full = [
+            LoraExpert(name=o, anchor=_vertex(n, i), factors=taus[o]) for i, o in enumerate(cfg.objectives)
+        ]
+        full_own = _own_means(
+            _cached_rows(work / "val_rows" / "full.json", evaluate_hoe, "full", full, vertices),
+            cfg.objectives,
+        )
+        own, retained = {}, {}
+        for r in sorted(cfg.rank_sweep.ranks):
+            ranked, _ = single_experts(replace(cfg.task_svd, rank=r))
+            own[r] = _own_means(
+                _cached_rows(
+                    work / "val_rows" / f"rank-{r}.json", evaluate_hoe, f"rank-{r}", ranked, vertices
+                ),
+                cfg.objectives,
+            )
+            retained[r] = _retained(base_own, full_own, own[r])
+            _log(f"rank {r}: own-objective gain retained {retained[r]}")
+        met = [
+            r
+            for r in sorted(retained)
+            if all(x is None or x >= cfg.rank_sweep.min_retained for x in retained[r])
+        ]
+        chosen = met[0] if met else max(retained)
+        if not met:
+            _log(f"no rank in {sorted(retained)} keeps {cfg.rank_sweep.min_retained:.0%}; using {chosen}")
+        task_cfg = replace(cfg.task_svd, rank=chosen)
+        sweep_report = {
+            "objectives": list(cfg.objectives),
+            "base_own_reward": base_own.tolist(),
+            "full_own_reward": full_own.tolist(),
+            "own_reward": {str(r): v.tolist() for r, v in own.items()},
+            "retained": {str(r): v for r, v in retained.items()},
+            "min_retained": cfg.rank_sweep.min_retained,
+            "chosen_rank": chosen,
+            "target_met": bool(met),
+        }
+    experts, svd_reports = single_experts(task_cfg)
+    expert_info = {
+        o: {
             "kind": "single",
-            "task_svd": report,
+            "task_svd": svd_reports[o],
             "dpo": {k: v for k, v in training[o].items() if k != "log"},
         }
+        for o in cfg.objectives
+    }
+    # the single experts at their own vertices, on val: shared by the merge selection and z*
+    vertex_rows = _cached_rows(
+        work / "val_rows" / f"rank-{task_cfg.rank}.json",
+        evaluate_hoe,
+        f"rank-{task_cfg.rank}",
+        experts,
+        vertices,
+    )
     lap("task_svd", t0)
 
     # 4. merged experts at anchors: one candidate set per method, chosen by val hypervolume
@@ -152,6 +248,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     selection = {}
     if cfg.anchors:
         grid = simplex_grid(n, cfg.merge.grid)
+        interior = grid[grid.max(1) < 1.0]  # vertices are the single experts, already evaluated
         candidates = {}
         for method in cfg.merge.methods:
             merged = []
@@ -159,23 +256,17 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 tau = merged_objective_vector(
                     [taus[o] for o in cfg.objectives], list(a), method, **cfg.merge.params.get(method, {})
                 )
-                factors, report = compress(tau, cfg.task_svd)
+                factors, report = compress(tau, task_cfg)
                 name = "merge-" + "-".join(f"{x:.2f}" for x in a)
                 merged.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
-            cached = work / "merge" / f"{method}.json"  # delete build-cache/<name>/merge to redo
-            if cached.is_file():
-                means = np.array(json.loads(cached.read_text())["mean_rewards"])
-            else:
-                hoe = HoEModel(bb.model, cfg.objectives, experts + [m for m, _ in merged])
-                rows = _evaluate_at(
-                    hoe, tok, val, grid, cfg, rewards, norms, cfg.merge.max_new_tokens, method
-                )
-                hoe.detach()
-                prefs, means = mean_front(rows, cfg.objectives)
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_text(
-                    json.dumps({"preferences": prefs.tolist(), "mean_rewards": means.tolist()}) + "\n"
-                )
+            rows = _cached_rows(  # delete build-cache/<name>/merge to redo
+                work / "merge" / f"{method}-rows.json",
+                evaluate_hoe,
+                method,
+                experts + [m for m, _ in merged],
+                interior,
+            )
+            _, means = mean_front(vertex_rows + rows, cfg.objectives)
             selection[method] = hypervolume(means, np.full(n, HV_REFERENCE))
             candidates[method] = merged
             _log(f"merge {method}: val hypervolume {selection[method]:.4f}")
@@ -194,6 +285,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     t0 = time.perf_counter()
     routers, router_info = [], {}
     anchors = np.stack([e.anchor for e in experts])
+    ideal = _own_means(vertex_rows, cfg.objectives)  # z*: each single expert's own reward (val)
     for spec in cfg.routers:
         subset = [experts[i].name for i in nearest_experts(np.array(spec.anchor), anchors, spec.k)]
         info = {}
@@ -206,7 +298,9 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             else:
                 hoe = HoEModel(bb.model, cfg.objectives, experts, [router])
                 training_cfg = type(spec.training)(**{**asdict(spec.training), "scalarization": scal})
-                summary = train_router(hoe, tok, 0, [p for _, p in train], rewards, norms, training_cfg)
+                summary = train_router(
+                    hoe, tok, 0, [p for _, p in train], rewards, norms, training_cfg, ideal=ideal
+                )
                 router = hoe.export_router(0)
                 hoe.detach()
                 router.save(path)
@@ -222,7 +316,13 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
 
     # report: base vs each single expert on eval, mean +- 95% CI per objective (greedy)
     t0 = time.perf_counter()
-    report = {"timings_s": timings, "merge_selection_hv": selection, "hv_reference": HV_REFERENCE}
+    report = {
+        "timings_s": timings,
+        "rank_sweep": sweep_report,
+        "ideal_point": ideal.tolist(),
+        "merge_selection_hv": selection,
+        "hv_reference": HV_REFERENCE,
+    }
     hoe = HoEModel(bb.model, cfg.objectives, experts, routers)
     decoding = DecodingConfig(**{**asdict(cfg.decoding), "temperature": 0.0})
     points = {"base": None, **{o: _vertex(n, i) for i, o in enumerate(cfg.objectives)}}
@@ -232,21 +332,9 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         if label in evaluation:
             continue
         if lam is None:  # outside a routing block the model is the bare backbone
-            from hoe_core.generation import encode_chat, generate_kwargs
-
-            def base_method(prompts, _lam):
-                import torch
-
-                enc = encode_chat(tok, list(prompts), next(bb.model.parameters()).device)
-                with torch.no_grad():
-                    out = bb.model.generate(**enc, **generate_kwargs(decoding, tok))
-                return [
-                    tok.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for r in out
-                ]
-
             rows = evaluate_grid(
                 "base",
-                base_method,
+                model_method(bb.model, tok, decoding),
                 evals,
                 np.full((1, n), 1 / n),
                 cfg.objectives,

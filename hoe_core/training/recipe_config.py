@@ -26,6 +26,7 @@ class PromptSource:
     root: str = "assets/prompts"
     max_train: int | None = None  # cap for quick builds
     max_val: int | None = None
+    max_eval: int | None = None  # eval prompts for the build report (defaults to max_val)
     train: tuple[str, ...] = ()  # inline prompts (source: inline)
     val: tuple[str, ...] = ()
 
@@ -39,6 +40,26 @@ class MergeConfig:
     grid: int = 3  # points per simplex edge for the selection front
     max_new_tokens: int = 32
     batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class RankSweepConfig:
+    """Step 3: own-objective reward retained vs task-SVD rank, on val, greedy.
+
+    retained(r) = mean(own reward at rank r - base) / mean(own reward of the uncompressed
+    expert - base). The smallest rank in ``ranks`` keeping ``min_retained`` for every
+    objective is used for all experts; if none does, the largest (the size budget's cap).
+    An empty ``ranks`` skips the sweep and uses ``task_svd.rank``.
+    """
+
+    ranks: tuple[int, ...] = ()
+    min_retained: float = 0.9
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise ValueError(f"rank_sweep.ranks must be positive integers, got {list(self.ranks)}")
+        if not 0.0 < self.min_retained <= 1.0:
+            raise ValueError(f"rank_sweep.min_retained must be in (0, 1], got {self.min_retained}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,7 @@ class RecipeConfig:
     sampling: SamplingConfig = SamplingConfig()
     experts: ExpertTrainingConfig = ExpertTrainingConfig()
     task_svd: TaskSVDConfig = TaskSVDConfig()
+    rank_sweep: RankSweepConfig = RankSweepConfig()
     anchors: tuple[tuple[float, ...], ...] = ()  # merged multi-objective experts
     merge: MergeConfig = MergeConfig()
     routers: tuple[RouterSpec, ...] = ()
@@ -98,6 +120,9 @@ def load_recipe(path: str | Path) -> RecipeConfig:
             prompts[key] = tuple(prompts[key])
     task_svd = dict(raw.pop("task_svd", {}) or {})
     merge = dict(raw.pop("merge", {}) or {})
+    sweep = dict(raw.pop("rank_sweep", {}) or {})
+    if "ranks" in sweep:
+        sweep["ranks"] = tuple(sweep["ranks"])
     if "methods" in merge:
         merge["methods"] = tuple(merge["methods"])
     experts = dict(raw.pop("experts", {}) or {})
@@ -123,6 +148,7 @@ def load_recipe(path: str | Path) -> RecipeConfig:
             "experts": _nested(ExpertTrainingConfig, experts),
             "task_svd": _nested(TaskSVDConfig, task_svd),
             "merge": _nested(MergeConfig, merge),
+            "rank_sweep": _nested(RankSweepConfig, sweep),
             "routers": routers,
             "decoding": _nested(DecodingConfig, raw.get("decoding")),
         },

@@ -40,7 +40,7 @@ class RouterTrainingConfig:
     scalarization: Literal["tchebycheff", "linear"] = "tchebycheff"
     omd_eta: float = 1.0  # mirror-descent step size
     omd_alpha: float = 0.5  # smoothing of w between steps
-    ideal_margin: float = 0.1  # z* = best normalised reward seen per objective + margin
+    ideal_margin: float = 0.1  # z* = each single expert's own normalised reward + margin
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,12 +94,16 @@ def train_router(
     normalizers: Mapping[str, Callable[[np.ndarray], np.ndarray]],
     cfg: RouterTrainingConfig,
     out_dir: str | Path | None = None,
+    ideal: np.ndarray | Sequence[float] | None = None,
 ) -> dict:
     """Train router ``router`` of ``hoe`` in place; returns (and saves) its training curve.
 
     Args:
         prompts: training prompts (cycled in order, shuffled with cfg.seed).
         rewards / normalizers: per objective in ``hoe.objectives`` order.
+        ideal: (N,) the ideal point before the margin, in normalised units: each single
+            expert's mean reward on its own objective (SPEC section 3). Required for
+            Tchebycheff scalarisation.
     Returns:
         {"curve": [{"step", "reward_<obj>"..., "w"...}], "config", "seconds"}.
     """
@@ -108,6 +112,13 @@ def train_router(
     if missing:
         raise ValueError(f"no reward model or normaliser for objectives {missing}")
     lam = hoe.routers[router].anchor
+    if cfg.scalarization == "tchebycheff":
+        if ideal is None:
+            raise ValueError("Tchebycheff scalarisation needs the ideal point z* (the experts' own rewards)")
+        ideal = np.asarray(ideal, float)
+        if ideal.shape != (len(objectives),) or not np.isfinite(ideal).all():
+            raise ValueError(f"ideal must be {len(objectives)} finite numbers, got {ideal.tolist()}")
+        z_star = ideal + cfg.ideal_margin
     omd = TchebycheffOMD(lam, cfg.omd_eta, cfg.omd_alpha)
     params = hoe.router_parameters(router)
     for p in params:
@@ -124,7 +135,6 @@ def train_router(
     )
     order = np.random.default_rng(cfg.seed).permutation(len(prompts))
     device = next(hoe.model.parameters()).device
-    best = np.full(len(objectives), -np.inf)
     curve, start = [], time.perf_counter()
     for step in tqdm(range(cfg.steps), desc=f"router {hoe.routers[router].name} ({cfg.scalarization})"):
         idx = [order[(step * cfg.prompts_per_step + j) % len(order)] for j in range(cfg.prompts_per_step)]
@@ -138,9 +148,8 @@ def train_router(
         raw = np.stack([np.asarray(rewards[o].score(batch, texts), float) for o in objectives], 1)
         r = np.stack([normalizers[o](raw[:, i]) for i, o in enumerate(objectives)], 1)  # (B*S, N)
         mean_r = r.mean(0)
-        best = np.maximum(best, r.max(0))
         if cfg.scalarization == "tchebycheff":
-            omd.update(mean_r, best + cfg.ideal_margin)
+            omd.update(mean_r, z_star)
             scalar = omd.scalarize(r)
         else:
             scalar = r @ lam
@@ -167,6 +176,7 @@ def train_router(
         p.requires_grad_(False)
     summary = {
         "router": hoe.routers[router].name,
+        "ideal": None if ideal is None else (np.asarray(ideal, float) + cfg.ideal_margin).tolist(),
         "curve": curve,
         "config": asdict(cfg),
         "seconds": round(time.perf_counter() - start, 1),
