@@ -101,8 +101,10 @@ def train_dpo_expert(
     )
     result = trainer.train()
     seconds = time.perf_counter() - start
-    trainer.model.save_pretrained(str(out))
-    shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch folder
+    main = trainer.accelerator.is_main_process
+    if main:
+        trainer.model.save_pretrained(str(out))
+        shutil.rmtree(out / "trainer", ignore_errors=True)  # the Trainer's scratch folder
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     summary = {
         "pairs": len(pairs),
@@ -113,6 +115,8 @@ def train_dpo_expert(
         "log": logs,
         "config": asdict(cfg),
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
     trainer.model.unload()  # give the caller its backbone back, without the LoRA
     return summary

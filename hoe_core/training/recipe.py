@@ -22,6 +22,7 @@ from hoe_core.experts.adapters import load_lora_adapter
 from hoe_core.experts.build import compress, merged_objective_vector
 from hoe_core.routing.model import HoEModel, LoraExpert
 from hoe_core.routing.router import RouterExpert, nearest_experts
+from hoe_core.training import distributed
 from hoe_core.training.experts import train_dpo_expert
 from hoe_core.training.recipe_config import RecipeConfig
 from hoe_core.training.routers import train_router
@@ -31,7 +32,8 @@ HV_REFERENCE = -1.0  # per objective, in normalised reward units (base samples h
 
 
 def _log(msg: str) -> None:
-    print(f"[build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if distributed.is_main():
+        print(f"[build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _prompts(cfg: RecipeConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
@@ -65,8 +67,9 @@ def _backbone(cfg: RecipeConfig, work: Path):
 
     if cfg.backbone == "pico":
         folder = work / "backbone"
-        if not (folder / "config.json").is_file():
+        if distributed.is_main() and not (folder / "config.json").is_file():
             save_pico_backbone(folder, seed=cfg.seed)
+        distributed.barrier()
         return load_backbone(str(folder), "fp32", "cpu"), folder
     return load_backbone(cfg.backbone, "fp32"), None
 
@@ -81,9 +84,10 @@ def _cached_rows(path: Path, compute, *args) -> list[dict]:
     """Evaluation rows from ``path`` if a previous run wrote them, else ``compute(*args)``, written."""
     if path.is_file():
         return json.loads(path.read_text())
-    rows = compute(*args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows) + "\n")
+    rows = compute(*args)  # every process computes (greedy: the same rows); the main one writes
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows) + "\n")
     return rows
 
 
@@ -303,8 +307,9 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 )
                 router = hoe.export_router(0)
                 hoe.detach()
-                router.save(path)
-                path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+                if distributed.is_main():
+                    router.save(path)
+                    path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
                 info[scal] = summary
             if scal == "tchebycheff":
                 routers.append(router)
@@ -356,12 +361,16 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         evaluation[label] = {
             o: asdict(mean_ci(np.array([r[f"r_{o}"] for r in rows]))) for o in cfg.objectives
         }
-        cached_eval.write_text(json.dumps(evaluation, indent=2) + "\n")
+        if distributed.is_main():
+            cached_eval.write_text(json.dumps(evaluation, indent=2) + "\n")
     hoe.detach()
     report["eval_normalised_rewards"] = evaluation
     lap("report", t0)
     report["timings_s"] = timings
     report["total_s"] = round(time.perf_counter() - start, 1)
+    if not distributed.is_main():  # under accelerate launch the main process writes the bundle
+        distributed.barrier()
+        return Path(out_dir)
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     out = write_bundle(
@@ -381,4 +390,5 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         command=command,
     )
     _log(f"bundle written to {out} in {report['total_s']} s")
+    distributed.barrier()
     return out

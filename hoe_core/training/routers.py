@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hoe_core.config import DecodingConfig
 from hoe_core.generation import encode_chat, generate_kwargs
 from hoe_core.routing.model import HoEModel
+from hoe_core.training import distributed
 from hoe_core.training.sampling import Scorer
 
 
@@ -134,11 +135,18 @@ def train_router(
         seed=cfg.seed,
     )
     order = np.random.default_rng(cfg.seed).permutation(len(prompts))
+    procs = distributed.state()
     device = next(hoe.model.parameters()).device
     curve, start = [], time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc=f"router {hoe.routers[router].name} ({cfg.scalarization})"):
-        idx = [order[(step * cfg.prompts_per_step + j) % len(order)] for j in range(cfg.prompts_per_step)]
-        batch = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]  # (B*S,)
+    name = hoe.routers[router].name
+    for step in tqdm(
+        range(cfg.steps), desc=f"router {name} ({cfg.scalarization})", disable=not procs.is_local_main_process
+    ):
+        step_idx = [
+            order[(step * cfg.prompts_per_step + j) % len(order)] for j in range(cfg.prompts_per_step)
+        ]
+        with procs.split_between_processes(step_idx) as idx:  # this process's share of the prompts
+            batch = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]  # (B*S,)
         enc = encode_chat(tokenizer, batch, device)
         torch.manual_seed(cfg.seed * 100_003 + step)
         with torch.no_grad(), hoe.routing(anchor_weights=anchor_w.expand(len(batch), -1)):
@@ -147,13 +155,13 @@ def train_router(
         texts = [tokenizer.decode(s[plen:], skip_special_tokens=True).strip() for s in seqs]
         raw = np.stack([np.asarray(rewards[o].score(batch, texts), float) for o in objectives], 1)
         r = np.stack([normalizers[o](raw[:, i]) for i, o in enumerate(objectives)], 1)  # (B*S, N)
-        mean_r = r.mean(0)
+        mean_r = distributed.mean_across(r.mean(0))  # (N,), the whole step's batch
         if cfg.scalarization == "tchebycheff":
             omd.update(mean_r, z_star)
             scalar = omd.scalarize(r)
         else:
             scalar = r @ lam
-        grouped = scalar.reshape(cfg.prompts_per_step, cfg.samples_per_prompt)
+        grouped = scalar.reshape(len(idx), cfg.samples_per_prompt)
         s = cfg.samples_per_prompt
         advantage = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (s - 1)).reshape(-1)  # RLOO
         attention = torch.cat([enc["attention_mask"], (seqs[:, plen:] != tokenizer.pad_token_id).long()], 1)
@@ -162,6 +170,7 @@ def train_router(
         loss = -(torch.as_tensor(advantage, dtype=logp.dtype) * logp).mean()
         optim.zero_grad()
         loss.backward()
+        distributed.average_gradients(params)  # every process takes the same step
         optim.step()
         curve.append(
             {
@@ -181,7 +190,7 @@ def train_router(
         "config": asdict(cfg),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if out_dir is not None:
+    if out_dir is not None and procs.is_main_process:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / f"router_{hoe.routers[router].name}_{cfg.scalarization}.json").write_text(
             json.dumps(summary, indent=2) + "\n"

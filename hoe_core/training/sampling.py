@@ -6,7 +6,7 @@ reward model, and cache both on disk (resumable, shared by all objectives).
     responses ──every reward──► scores/<reward>.json (reused while the responses are unchanged)
 
 Under ``accelerate launch`` each process takes its share of the chunks
-(``PartialState.split_between_processes``) and the main process waits for all.
+(see :mod:`hoe_core.training.distributed`) and the main process waits for all.
 """
 
 from __future__ import annotations
@@ -96,13 +96,14 @@ def sample_responses(
     Chunk i is seeded with ``cfg.seed + i``, so a resumed run gives the same samples as an
     uninterrupted one. Returns records {"prompt_id", "prompt", "response"}, prompt-major.
     """
-    from accelerate import PartialState
+    from hoe_core.training.distributed import state as process_state
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     per_chunk = max(1, cfg.batch_size // cfg.k)
     chunks = [list(prompts[i : i + per_chunk]) for i in range(0, len(prompts), per_chunk)]
-    state = PartialState()
+    state = process_state()
+    state.wait_for_everyone()  # every process must see the same done chunks, or some are skipped
     todo = [i for i in range(len(chunks)) if not _chunk_path(cache, i).is_file()]
     with state.split_between_processes(todo) as mine:
         for i in tqdm(mine, desc="sample", unit="chunk", disable=not state.is_local_main_process):
