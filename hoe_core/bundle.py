@@ -350,6 +350,7 @@ class LoadedBundle:
     manifest: Manifest
     backbone: Backbone
     hoe: HoEModel
+    experts: list[LoraExpert] = field(default_factory=list)  # factors, for the merge baselines
 
     @property
     def objectives(self) -> list[str]:
@@ -394,4 +395,4 @@ def load_bundle(
                 f"bundle {root}: router {entry.name!r} at {entry.path} cannot be read: {err}"
             ) from err
     hoe = HoEModel(backbone.model, manifest.objectives, experts, routers)
-    return LoadedBundle(root=root, manifest=manifest, backbone=backbone, hoe=hoe)
+    return LoadedBundle(root=root, manifest=manifest, backbone=backbone, hoe=hoe, experts=experts)

@@ -77,7 +77,7 @@ def generate_kwargs(decoding: DecodingConfig, tokenizer) -> dict:
     return kwargs
 
 
-def _seed(decoding: DecodingConfig) -> None:
+def seed_sampling(decoding: DecodingConfig) -> None:
     if not decoding.greedy:  # greedy decoding needs no RNG
         torch.manual_seed(decoding.seed)
 
@@ -89,21 +89,31 @@ def generate(
     preferences: Sequence[Sequence[float]],
     decoding: DecodingConfig = DecodingConfig(),
     record_gates: bool = False,
+    anchor_weights: torch.Tensor | None = None,
 ) -> list[Generation]:
     """Generate one answer per (prompt, preference) row in one batched pass.
 
     Args:
         prompts: B user prompts (chat template applied here).
         preferences: (B, N) raw preferences, normalised here.
+        anchor_weights: (B, K) weights over the anchors to use instead of routing the
+            preferences (baselines that mix the experts themselves, e.g. Rewarded Soups).
     """
     if len(prompts) != len(preferences):
         raise ValueError(f"{len(prompts)} prompts but {len(preferences)} preferences")
     prompts = [clean_prompt(p) for p in prompts]
-    weights = hoe.anchor_weights(preferences)  # validates and normalises; (B, K)
+    if anchor_weights is None:
+        weights = hoe.anchor_weights(preferences)  # validates and normalises; (B, K)
+    else:
+        weights = torch.as_tensor(anchor_weights, dtype=torch.float32)
+        if weights.shape != (len(prompts), len(hoe.anchors)):
+            raise ValueError(
+                f"anchor_weights must be ({len(prompts)}, {len(hoe.anchors)}), got {tuple(weights.shape)}"
+            )
     device = next(hoe.model.parameters()).device
     enc = encode_chat(tokenizer, prompts, device)
     start = time.perf_counter()
-    _seed(decoding)
+    seed_sampling(decoding)
     with hoe.routing(anchor_weights=weights, record_gates=record_gates) as routing, torch.no_grad():
         out = hoe.model.generate(**enc, **generate_kwargs(decoding, tokenizer))
     seconds = time.perf_counter() - start
@@ -158,7 +168,7 @@ def stream(
 
     def work() -> None:
         try:
-            _seed(decoding)
+            seed_sampling(decoding)
             with hoe.routing(anchor_weights=weights), torch.no_grad():
                 hoe.model.generate(**enc, **generate_kwargs(decoding, tokenizer), streamer=streamer)
         except BaseException as err:  # surfaced in the caller's thread below
