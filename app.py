@@ -22,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from hoe_core.bundle import LoadedBundle, load_bundle  # noqa: E402
-from hoe_core.config import DecodingConfig  # noqa: E402
+from hoe_core.config import APP_PRECISION, DecodingConfig  # noqa: E402
 from hoe_core.generation import stream  # noqa: E402
 from hoe_core.routing.preference import normalize_preference  # noqa: E402
 
@@ -38,9 +38,9 @@ EXAMPLES = [
 def default_bundle() -> tuple[Path, str]:
     """(bundle folder, default precision) when none is given."""
     if os.environ.get("HOE_BUNDLE"):
-        return Path(os.environ["HOE_BUNDLE"]), "nf4"
+        return Path(os.environ["HOE_BUNDLE"]), APP_PRECISION
     if (SHIPPED / "manifest.json").is_file():
-        return SHIPPED, "nf4"
+        return SHIPPED, APP_PRECISION
     pico = ROOT / "build-cache" / "pico"
     if not (pico / "manifest.json").is_file():
         from hoe_core.pico import build_pico_bundle
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "nf4"])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     args = parser.parse_args()
-    bundle, precision = default_bundle() if args.bundle is None else (args.bundle, "nf4")
+    bundle, precision = default_bundle() if args.bundle is None else (args.bundle, APP_PRECISION)
     start = time.perf_counter()
     loaded = load_bundle(bundle, precision=args.precision or precision)
     demo = build_demo(loaded, time.perf_counter() - start)

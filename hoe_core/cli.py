@@ -6,6 +6,11 @@ Contract (other tools rely on it):
         [--max-new-tokens N] [--seed S] [--precision P] [--json]
 prints, with --json, one JSON object with at least ``text``, ``preference`` (normalised)
 and ``objectives``.
+
+    python -m hoe_core evaluate --bundle DIR --methods hoe,rs,mod,... --prompts FILE
+        --grid G [--max-new-tokens N] [--batch-size B] --out OUT.csv
+writes OUT.csv (method, prompt_id, w_<obj>..., r_<obj>..., text; greedy, so two runs give
+identical files), OUT.summary.json and OUT.summary.md.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from hoe_core.config import PRECISIONS
+from hoe_core.config import APP_PRECISION, PRECISIONS
 
 
 def _floats(text: str) -> list[float]:
@@ -141,6 +146,27 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hoe_core.evaluation.run import evaluate_bundle
+    from hoe_core.evaluation.summary import markdown_table
+
+    summary = evaluate_bundle(
+        args.bundle,
+        [m for m in args.methods.split(",") if m.strip()],
+        args.prompts,
+        args.grid,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        reference=args.reference,
+    )
+    print(markdown_table(summary, summary["timing"]), end="")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.summary.json')}")
+    return 0
+
+
 def cmd_pico_bundle(args: argparse.Namespace) -> int:
     from hoe_core.pico import build_pico_bundle
 
@@ -216,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", type=Path, default=None, help="resumable step outputs (default: build-cache/<name>)"
     )
     b.set_defaults(func=cmd_build)
+
+    e = sub.add_parser("evaluate", help="methods x preference grid x prompts -> CSV + summary")
+    e.add_argument("--bundle", required=True, type=Path)
+    e.add_argument(
+        "--methods", required=True, help="comma-separated: hoe,rs,mod,merge-ta,merge-ties,base,experts"
+    )
+    e.add_argument("--prompts", required=True, type=Path, help="a text file, one prompt per line")
+    e.add_argument("--grid", required=True, type=int, help="points per simplex edge (11 -> 0, 0.1, ..., 1)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: the bundle's")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", required=True, type=Path, help="OUT.csv (+ OUT.summary.json / .md)")
+    e.add_argument("--precision", choices=PRECISIONS, default=APP_PRECISION, help="default: the app's")
+    e.add_argument("--device", default=None)
+    e.add_argument("--reference", type=_floats, default=None, help="hypervolume reference (default -1 each)")
+    e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("pico-bundle", help="write a tiny random bundle (for tests and app dev)")
     p.add_argument("out", type=Path)

@@ -26,6 +26,7 @@ LLAMA_TARGETS: tuple[str, ...] = (
 )
 
 #: Prompts longer than this many characters are cut (generation) or refused (prompt sets).
+APP_PRECISION = "nf4"  # the app's default backbone precision; evaluate uses it too
 MAX_PROMPT_CHARS = 4000
 
 T = TypeVar("T")
