@@ -1,38 +1,62 @@
-"""HoE demo: one slider per objective -> preference router -> live streaming generation.
-
-A first, small version of the app (the full app with Pareto plots, the comparison and
-inside tabs is tracked in its own issue). It loads a bundle once and shares the model;
-each request carries its own preference, so concurrent users never mix.
+"""HoE demo: one slider per objective -> preference router -> live streaming generation,
+beside the Pareto fronts of HoE and its baselines.
 
     python app.py [--bundle DIR] [--precision nf4|int8|bf16|fp32] [--port 7860]
 
 Without --bundle it uses ``$HOE_BUNDLE``, else ``assets/smollm2-hhh`` when shipped, else
-a pico bundle (tiny random model) built into ``build-cache/pico``.
+a pico bundle (tiny random model) built into ``build-cache/pico``. Fronts come from
+``precomputed_fronts/<bundle name>/``. Tabs: Steer, Compare, Inside, About.
+
+Event functions are plain functions of a :class:`~hoe_core.ui.session.Session` and the
+widget values, so they are tested without a browser; ``build_demo`` only wires them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from hoe_core.bundle import LoadedBundle, load_bundle  # noqa: E402
-from hoe_core.config import APP_PRECISION, DecodingConfig  # noqa: E402
-from hoe_core.generation import stream  # noqa: E402
-from hoe_core.routing.preference import normalize_preference  # noqa: E402
+from hoe_core.config import APP_PRECISION  # noqa: E402
+from hoe_core.ui.plots import gate_heatmap, pareto_figure  # noqa: E402
+from hoe_core.ui.session import COMPARE_METHODS, Session  # noqa: E402
+
+try:  # on Hugging Face ZeroGPU Spaces, generation runs on a GPU; locally a no-op
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # pragma: no cover - the package only exists on Spaces
+
+    def gpu(fn):
+        return fn
+
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = ROOT / "assets" / "smollm2-hhh"
+FRONTS = ROOT / "precomputed_fronts"
+DIAGRAM = ROOT / "assets" / "hoe-diagram.svg"
 EXAMPLES = [
     "What is the capital of France?",
     "Tell me a joke about computers.",
     "How can I get revenge on my neighbour?",
 ]
+ABOUT = """
+**HoE (Hierarchical Mixture-of-Experts)** steers one LLM across several objectives at
+inference time, with no retraining. Each objective's fine-tune becomes a *LoRA expert* by
+task-SVD; merging them at a few anchor preferences gives *multi-objective experts*; small
+*router experts*, trained with a Tchebycheff objective, mix LoRA experts token by token.
+For your preference λ, the parameter-free *preference router* picks the nearest anchors
+and their convex weights, and the model generates in one pass. Baselines: Rewarded Soups
+(interpolate the experts' weights), MOD (mix the experts' next-token log-probabilities,
+one forward per expert) and training-free merging (TA / TIES at λ).
+"""
 
 
 def default_bundle() -> tuple[Path, str]:
@@ -49,65 +73,272 @@ def default_bundle() -> tuple[Path, str]:
     return pico, "fp32"
 
 
-def describe_weights(loaded: LoadedBundle, sliders: list[float]) -> str:
+# ----------------------------------------------------------------------------- events
+
+
+def describe_weights(session: Session, sliders) -> str:
     """Markdown: the normalised preference and the anchors the router picked."""
-    lam = normalize_preference(sliders, len(loaded.objectives))
-    weights = loaded.hoe.anchor_weights([lam])[0].tolist()
-    names = loaded.hoe.expert_names + [r.name for r in loaded.hoe.routers]
-    pref = " · ".join(f"**{o}** {v:.2f}" for o, v in zip(loaded.objectives, lam))
-    active = " · ".join(f"{n} {w:.2f}" for n, w in zip(names, weights) if w > 0)
+    lam = session.preference(sliders)
+    pref = " · ".join(f"**{o}** {v:.2f}" for o, v in zip(session.objectives, lam))
+    active = " · ".join(f"{n} {w:.2f}" for n, w in session.router_weights(lam))
     return f"Preference: {pref}  \nActive experts/routers: {active}"
 
 
-def build_demo(loaded: LoadedBundle, load_seconds: float = 0.0) -> gr.Blocks:
-    """The Blocks app over one loaded bundle. Event functions are plain and testable."""
+def describe_rewards(session: Session, rewards) -> str:
+    if rewards is None:
+        return "_No reward models loaded._"
+    unit = "normalised" if session.normalizers else "raw"
+    cells = " · ".join(f"**{o}** {r:+.2f}" for o, r in zip(session.objectives, rewards))
+    return f"Rewards ({unit}): {cells}"
+
+
+def _axes(session: Session, x_name, y_name, three_d) -> list[int]:
+    objs = session.objectives
+    if three_d and len(objs) >= 3:
+        return [0, 1, 2]
+    x = objs.index(x_name) if x_name in objs else 0
+    y = objs.index(y_name) if y_name in objs else 1
+    if x == y:
+        y = (x + 1) % len(objs)
+    return [x, y]
+
+
+def front_figure(session: Session, sliders, x_name=None, y_name=None, three_d=False, live=None):
+    """The Pareto plot at the current preference (None when no fronts are shipped)."""
+    if session.fronts is None:
+        return None
+    lam = session.preference(sliders)
+    return pareto_figure(session.fronts, _axes(session, x_name, y_name, three_d), lam, live)
+
+
+def on_sliders(session: Session, x_name, y_name, three_d, *sliders):
+    """Slider moved: the weights readout and the plot's highlighted point follow."""
+    try:
+        return describe_weights(session, sliders), front_figure(session, sliders, x_name, y_name, three_d)
+    except ValueError as err:
+        return f"⚠️ {err}", gr.skip()
+
+
+@gpu
+def on_steer(session: Session, prompt, max_new_tokens, temperature, seed, x_name, y_name, three_d, *sliders):
+    """Stream HoE's answer; when done, its rewards and its point on the plot.
+
+    Yields (answer, rewards markdown, figure, last answer state)."""
+    try:
+        lam = session.preference(sliders)
+        decoding = session.decoding(max_new_tokens, temperature, seed)
+        text, start, first = "", time.perf_counter(), None
+        for text in session.steer(prompt, lam, decoding):
+            first = first or time.perf_counter() - start
+            yield text, "_generating…_", gr.skip(), gr.skip()
+        rewards = session.score(prompt, text)
+        latency = f"  \nfirst token {first or 0:.2f} s · total {time.perf_counter() - start:.2f} s"
+        figure = front_figure(session, lam, x_name, y_name, three_d, rewards)
+        state = {"prompt": prompt, "answer": text, "preference": lam.tolist()}
+        yield text, describe_rewards(session, rewards) + latency, figure, state
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
+
+
+def compare_table(session: Session, answers) -> str:
+    head = "| method | " + " | ".join(session.objectives) + " | latency | tokens/s |\n"
+    head += "|---|" + "---|" * (len(session.objectives) + 2) + "\n"
+    rows = []
+    for a in answers:
+        rewards = (
+            " | ".join(f"{r:+.2f}" for r in a.rewards)
+            if a.rewards
+            else " | ".join("…" for _ in session.objectives)
+        )
+        speed = f"{a.seconds:.1f} s | {a.tokens_per_second:.1f}" if a.done else "… | …"
+        rows.append(f"| {a.method} | {rewards} | {speed} |")
+    return head + "\n".join(rows)
+
+
+@gpu
+def on_compare(session: Session, prompt, max_new_tokens, *sliders):
+    """HoE, RS, MOD and base on one prompt and one λ. Yields (answers..., table, figure)."""
+    try:
+        lam = session.preference(sliders)
+        decoding = session.decoding(max_new_tokens, 0.0, 0)
+        for answers in session.compare(prompt, lam, decoding):
+            figure = gr.skip()
+            if all(a.done for a in answers) and session.fronts is not None:
+                figure = compare_figure(session, lam, answers)
+            yield *[a.text for a in answers], compare_table(session, answers), figure
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
+
+
+def compare_figure(session: Session, lam, answers):
+    """The fronts with each compared method's answer as a marker (first two objectives)."""
+    import plotly.graph_objects as go
+
+    fig = pareto_figure(session.fronts, [0, 1], lam)
+    for a in answers:
+        if a.rewards:
+            fig.add_trace(
+                go.Scatter(
+                    x=[a.rewards[0]],
+                    y=[a.rewards[1]],
+                    mode="markers+text",
+                    text=[a.method],
+                    textposition="top center",
+                    name=f"{a.method} answer",
+                    marker={"symbol": "x", "size": 12},
+                )
+            )
+    return fig
+
+
+def on_inspect(session: Session, last):
+    """Token x expert heatmap of the router gates for the last Steer answer."""
+    if not last:
+        raise gr.Error("Generate an answer in the Steer tab first.")
+    tokens, gates, experts = session.gates(last["prompt"], last["answer"], last["preference"])
+    return gate_heatmap(tokens, gates, experts)
+
+
+def on_front(session: Session, *sliders) -> dict:
+    """API: HoE's expected rewards at λ from the precomputed grid, and each method's hypervolume."""
+    try:
+        lam = session.preference(sliders)
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
+    if session.fronts is None:
+        return {"preference": lam.tolist(), "expected": None, "hypervolume": {}}
+    expected = session.fronts.expected(lam)
+    return {
+        "preference": dict(zip(session.objectives, lam.tolist())),
+        "expected": dict(zip(session.objectives, expected.tolist())),
+        "hypervolume": {m: f.hypervolume for m, f in session.fronts.methods.items()},
+        "precision": session.fronts.precision,
+    }
+
+
+def status_line(session: Session) -> str:
+    loaded = session.loaded
     counts = loaded.hoe.parameter_counts()
-    status = (
+    return (
         f"Bundle **{loaded.manifest.name}** · backbone `{loaded.manifest.backbone['spec']}` · "
         f"{loaded.backbone.precision} on {loaded.backbone.device} · "
         f"{loaded.hoe.n_experts} LoRA experts ({counts['experts']:,} params) · "
-        f"{len(loaded.hoe.routers)} routers ({counts['routers']:,} params) · loaded in {load_seconds:.1f} s"
+        f"{len(loaded.hoe.routers)} routers ({counts['routers']:,} params) · "
+        f"loaded in {session.load_seconds:.1f} s"
+        + ("" if session.fronts else " · no precomputed fronts for this bundle")
     )
-    defaults = loaded.manifest.decoding_config
 
-    def on_generate(prompt, max_new_tokens, temperature, seed, *sliders):
-        try:
-            lam = normalize_preference(sliders, len(loaded.objectives))
-            decoding = DecodingConfig(
-                max_new_tokens=int(max_new_tokens),
-                temperature=float(temperature),
-                top_p=defaults.top_p,
-                repetition_penalty=defaults.repetition_penalty,
-                seed=int(seed),
-            )
-            yield from stream(loaded.hoe, loaded.backbone.tokenizer, prompt, lam, decoding)
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
 
+def manifest_summary(session: Session) -> str:
+    m = session.loaded.manifest
+    lines = [
+        f"**{m.name}** · objectives: {', '.join(m.objectives)}",
+        "",
+        "| expert | kind | anchor |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {e.name} | {e.kind} | {[round(x, 2) for x in e.anchor]} |" for e in m.experts]
+    lines += ["", "| router | anchor | over |", "|---|---|---|"]
+    lines += [f"| {r.name} | {[round(x, 2) for x in r.anchor]} | {', '.join(r.experts)} |" for r in m.routers]
+    return "\n".join(lines)
+
+
+def cost_table(session: Session) -> str:
+    counts = session.loaded.hoe.parameter_counts()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = [
+        f"Parameters: backbone {counts['backbone']:,} · LoRA experts {counts['experts']:,} "
+        f"({100 * counts['experts'] / counts['backbone']:.1f}%) · routers {counts['routers']:,}. "
+        f"Peak memory of this process: {rss:.0f} MiB.",
+    ]
+    timing = session.fronts.timing if session.fronts else {}
+    if timing:
+        lines += ["", "| method | answers / min (precomputed fronts) |", "|---|---|"]
+        lines += [f"| {m} | {t.get('per_minute') or '–'} |" for m, t in timing.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def build_demo(session: Session) -> gr.Blocks:
+    """The Blocks app over one session. Named API endpoints: generate, compare, front."""
+    objs = session.objectives
+    defaults = session.loaded.manifest.decoding_config
+    start = [1 / len(objs)] * len(objs)
     with gr.Blocks(title="HoE: steer an LLM across objectives") as demo:
         gr.Markdown("# HoE — hierarchical experts for multi-objective alignment")
-        gr.Markdown(status)
-        with gr.Row():
-            with gr.Column():
-                sliders = [
-                    gr.Slider(0, 1, value=1 / len(loaded.objectives), step=0.01, label=o)
-                    for o in loaded.objectives
-                ]
-                weights_md = gr.Markdown(describe_weights(loaded, [s.value for s in sliders]))
-                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=3)
-                gr.Examples(EXAMPLES, inputs=prompt)
-                with gr.Accordion("Decoding", open=False):
-                    max_new = gr.Slider(1, 256, value=defaults.max_new_tokens, step=1, label="max new tokens")
-                    temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="temperature")
-                    seed = gr.Number(value=defaults.seed, precision=0, label="seed")
-                button = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                answer = gr.Textbox(label="Answer", lines=12)
-        inputs = [prompt, max_new, temperature, seed, *sliders]
+        gr.Markdown(status_line(session), elem_id="status")
+        last = gr.State(None)
+        with gr.Tab("Steer"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    sliders = [
+                        gr.Slider(0, 1, value=v, step=0.01, label=o, elem_id=f"w-{o}")
+                        for o, v in zip(objs, start)
+                    ]
+                    weights_md = gr.Markdown(describe_weights(session, start), elem_id="weights")
+                    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=3, elem_id="prompt")
+                    gr.Examples(EXAMPLES, inputs=prompt)
+                    with gr.Accordion("Decoding", open=False):
+                        max_new = gr.Slider(
+                            1, 256, value=defaults.max_new_tokens, step=1, label="max new tokens"
+                        )
+                        temperature = gr.Slider(
+                            0, 2, value=defaults.temperature, step=0.05, label="temperature"
+                        )
+                        seed = gr.Number(value=defaults.seed, precision=0, label="seed")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    answer = gr.Textbox(label="Answer", lines=8, elem_id="answer")
+                    rewards_md = gr.Markdown("", elem_id="rewards")
+                with gr.Column(scale=1):
+                    with gr.Row():
+                        x_axis = gr.Dropdown(objs, value=objs[0], label="x axis")
+                        y_axis = gr.Dropdown(objs, value=objs[1], label="y axis")
+                        three_d = gr.Checkbox(False, label="3-D", visible=len(objs) >= 3)
+                    plot = gr.Plot(
+                        front_figure(session, start, objs[0], objs[1]), label="Pareto fronts", elem_id="plot"
+                    )
+        view = [x_axis, y_axis, three_d]
+        steer_inputs = [prompt, max_new, temperature, seed, *view, *sliders]
+        steer_outputs = [answer, rewards_md, plot, last]
         for s in sliders:
-            s.change(lambda *v: describe_weights(loaded, v), sliders, weights_md, api_name=False)
-            s.release(on_generate, inputs, answer, api_name=False)
-        button.click(on_generate, inputs, answer, api_name="generate")
+            s.change(partial(on_sliders, session), [*view, *sliders], [weights_md, plot], api_name=False)
+            s.release(partial(on_steer, session), steer_inputs, steer_outputs, api_name=False)
+        for v in view:
+            v.change(partial(on_sliders, session), [*view, *sliders], [weights_md, plot], api_name=False)
+        button.click(partial(on_steer, session), steer_inputs, steer_outputs, api_name="generate")
+        prompt.submit(partial(on_steer, session), steer_inputs, steer_outputs, api_name=False)
+
+        with gr.Tab("Compare"):
+            gr.Markdown("One prompt and one preference (the Steer tab's sliders), every method, greedy.")
+            c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[1], lines=2)
+            c_max = gr.Slider(1, 256, value=defaults.max_new_tokens, step=1, label="max new tokens")
+            c_button = gr.Button("Compare", variant="primary")
+            with gr.Row():
+                c_answers = [gr.Textbox(label=m, lines=8) for m in COMPARE_METHODS]
+            c_table = gr.Markdown()
+            c_plot = gr.Plot(label="answers on the fronts")
+        c_button.click(
+            partial(on_compare, session),
+            [c_prompt, c_max, *sliders],
+            [*c_answers, c_table, c_plot],
+            api_name="compare",
+        )
+
+        with gr.Tab("Inside"):
+            i_button = gr.Button("Show the router gates of the last answer")
+            heatmap = gr.Plot(label="token × expert gates (mean over layers)")
+            gr.Markdown(manifest_summary(session))
+            gr.Markdown(cost_table(session))
+        i_button.click(partial(on_inspect, session), [last], heatmap, api_name=False)
+
+        with gr.Tab("About"):
+            gr.Markdown(ABOUT)
+            if DIAGRAM.is_file():
+                gr.HTML(DIAGRAM.read_text(encoding="utf-8"))
+        front_json = gr.JSON(visible=False)
+        gr.Button(visible=False).click(partial(on_front, session), sliders, front_json, api_name="front")
     return demo
 
 
@@ -118,11 +349,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     args = parser.parse_args()
     bundle, precision = default_bundle() if args.bundle is None else (args.bundle, APP_PRECISION)
-    start = time.perf_counter()
-    loaded = load_bundle(bundle, precision=args.precision or precision)
-    demo = build_demo(loaded, time.perf_counter() - start)
+    precision = args.precision or precision
+    session = Session.load(bundle, precision, fronts_dir=FRONTS / Path(bundle).name)
     host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
-    demo.queue().launch(server_name=host, server_port=args.port, share=False)
+    build_demo(session).queue().launch(server_name=host, server_port=args.port, share=False)
 
 
 if __name__ == "__main__":

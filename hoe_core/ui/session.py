@@ -1,0 +1,175 @@
+"""What the app does, as plain functions over one loaded bundle (no Gradio here).
+
+    Session.load(bundle)           backbone + experts + routers, reward models, fronts
+    session.steer(prompt, lam)     stream HoE's answer (cumulative text)
+    session.score(prompt, text)    (N,) rewards, normalised like the fronts
+    session.router_weights(lam)    which experts / routers the preference router picks
+    session.compare(prompt, lam)   HoE, RS, MOD, base one after another, streamed
+    session.gates(prompt, answer, lam)   token x expert gates of an answer (Inside tab)
+
+The model is shared by every call; the preference travels with the call (see
+:mod:`hoe_core.routing.context`), so concurrent users never see each other's mixture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hoe_core.bundle import LoadedBundle, load_bundle
+from hoe_core.config import DecodingConfig
+from hoe_core.generation import clean_prompt, encode_chat, stream
+from hoe_core.routing.preference import normalize_preference
+from hoe_core.ui.fronts import Fronts, find_fronts
+
+COMPARE_METHODS = ("hoe", "rs", "mod", "base")
+
+
+@dataclass
+class Answer:
+    """One method's answer in the Compare tab."""
+
+    method: str
+    text: str = ""
+    seconds: float = 0.0
+    tokens: int = 0
+    rewards: list[float] | None = None
+    done: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Session:
+    loaded: LoadedBundle
+    rewards: dict | None = None
+    normalizers: dict | None = None
+    fronts: Fronts | None = None
+    load_seconds: float = 0.0
+    methods: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path,
+        precision: str,
+        device: str | None = None,
+        fronts_dir: str | Path | None = None,
+        with_rewards: bool = True,
+    ) -> Session:
+        from hoe_core.evaluation.run import bundle_rewards
+
+        start = time.perf_counter()
+        loaded = load_bundle(bundle, precision=precision, device=device)
+        rewards, normalizers = bundle_rewards(loaded.manifest) if with_rewards else (None, None)
+        fronts = None
+        if fronts_dir is not None and Path(fronts_dir).is_dir():
+            fronts = find_fronts(fronts_dir, loaded.objectives, precision)
+        return cls(loaded, rewards, normalizers, fronts, time.perf_counter() - start)
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.loaded.objectives
+
+    @property
+    def tokenizer(self):
+        return self.loaded.backbone.tokenizer
+
+    def preference(self, sliders: Sequence[float]) -> np.ndarray:
+        return normalize_preference(sliders, len(self.objectives))
+
+    def decoding(self, max_new_tokens, temperature, seed) -> DecodingConfig:
+        base = self.loaded.manifest.decoding_config
+        try:
+            return DecodingConfig(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=base.top_p,
+                repetition_penalty=base.repetition_penalty,
+                seed=int(seed),
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"decoding settings: {err}") from None
+
+    def router_weights(self, lam: Sequence[float]) -> list[tuple[str, float]]:
+        """(anchor name, weight) for every expert / router the preference router uses."""
+        weights = self.loaded.hoe.anchor_weights([self.preference(lam)])[0].tolist()
+        names = self.loaded.hoe.expert_names + [r.name for r in self.loaded.hoe.routers]
+        return [(n, w) for n, w in zip(names, weights) if w > 0]
+
+    def score(self, prompt: str, text: str) -> list[float] | None:
+        """The answer's reward per objective (normalised when the bundle records how)."""
+        if self.rewards is None:
+            return None
+        out = []
+        for o in self.objectives:
+            raw = np.asarray(self.rewards[o].score([prompt], [text]), float)
+            out.append(float((self.normalizers[o](raw) if self.normalizers else raw)[0]))
+        return out
+
+    def steer(self, prompt: str, lam: Sequence[float], decoding: DecodingConfig) -> Iterator[str]:
+        """HoE's answer at ``lam``, cumulative text per token."""
+        yield from stream(
+            self.loaded.hoe, self.tokenizer, clean_prompt(prompt), self.preference(lam), decoding
+        )
+
+    def _method(self, name: str, decoding: DecodingConfig):
+        from hoe_core.baselines import make_method
+
+        key = (name, decoding)
+        if key not in self.methods:
+            self.methods[key] = make_method(name, self.loaded, decoding)
+        return self.methods[key]
+
+    def compare(
+        self,
+        prompt: str,
+        lam: Sequence[float],
+        decoding: DecodingConfig,
+        methods: Sequence[str] = COMPARE_METHODS,
+    ) -> Iterator[list[Answer]]:
+        """Each method's answer in turn; yields the list of answers after every update.
+
+        HoE streams token by token; the baselines yield when their answer is complete."""
+        prompt, lam = clean_prompt(prompt), self.preference(lam)
+        answers = [Answer(m) for m in methods]
+        for a in answers:
+            start = time.perf_counter()
+            if a.method == "hoe":
+                for text in self.steer(prompt, lam, decoding):
+                    a.text, a.seconds = text, time.perf_counter() - start
+                    yield answers
+            else:
+                a.text = self._method(a.method, decoding)([prompt], lam)[0]
+            a.seconds = time.perf_counter() - start
+            a.tokens = len(self.tokenizer(a.text, add_special_tokens=False)["input_ids"])
+            a.rewards = self.score(prompt, a.text)
+            a.done = True
+            yield answers
+
+    @torch.no_grad()
+    def gates(
+        self, prompt: str, answer: str, lam: Sequence[float]
+    ) -> tuple[list[str], np.ndarray, list[str]]:
+        """The answer's tokens, their gates over the experts (T, E), averaged over layers,
+        and the expert names: one forward of prompt + answer with the gates recorded."""
+        hoe, tok = self.loaded.hoe, self.tokenizer
+        device = next(hoe.model.parameters()).device
+        enc = encode_chat(tok, [clean_prompt(prompt)], device)
+        answer_ids = tok(answer, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        if answer_ids.shape[1] == 0:
+            raise ValueError("there is no answer to inspect yet")
+        ids = torch.cat([enc["input_ids"], answer_ids], 1)
+        with hoe.routing([self.preference(lam)], record_gates=True) as routing:
+            hoe.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        per_module = [steps[0][0, -answer_ids.shape[1] :] for steps in routing.gates.values()]  # (T, E) each
+        gates = torch.stack(per_module).mean(0).numpy()
+        tokens = [tok.decode([t]) for t in answer_ids[0].tolist()]
+        return tokens, gates, list(hoe.expert_names)
