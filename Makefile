@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup demo test lint format
+.PHONY: setup browser demo test lint format fronts
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python app.py
 
-test: setup
+# Debian's Chromium for the end-to-end browser test (Playwright drives /usr/bin/chromium)
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
@@ -33,3 +39,7 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# precomputed_fronts/smollm2-hhh from the shipped bundle (long: resumable, see its README)
+fronts: setup
+	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh
