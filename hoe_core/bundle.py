@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,26 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _atomic_folder(final: Path) -> Iterator[Path]:
+    """A fresh sibling folder that replaces ``final`` when the block succeeds: a failed or
+    partial write never leaves a half-bundle, and no stale file of an older bundle survives."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield root
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        root.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        root.rename(final)
+
+
 def write_bundle(
     out_dir: str | Path,
     *,
@@ -237,109 +258,59 @@ def write_bundle(
     ``backbone_dir`` copies a (small) backbone folder into ``<bundle>/backbone`` and
     records the spec as that relative folder.
     """
-    final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Written into a fresh sibling folder and swapped in at the end: a failed or partial
-    # write never leaves a half-bundle, and no stale file from an older bundle survives.
-    root = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        _write_contents(
-            root,
-            name=name,
-            backbone_spec=backbone_spec,
-            fingerprint=fingerprint,
-            objectives=objectives,
-            experts=experts,
-            routers=routers,
-            expert_info=expert_info,
-            router_info=router_info,
-            decoding=decoding,
-            recipe=recipe,
-            rewards=rewards,
-            backbone_dir=backbone_dir,
-            command=command,
-        )
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        root.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        root.rename(final)
-    return final
-
-
-def _write_contents(
-    root: Path,
-    *,
-    name: str,
-    backbone_spec: str,
-    fingerprint: str,
-    objectives: Sequence[str],
-    experts: Sequence[LoraExpert],
-    routers: Sequence[RouterExpert] = (),
-    expert_info: dict[str, dict] | None = None,
-    router_info: dict[str, dict] | None = None,
-    decoding: DecodingConfig | None = None,
-    recipe: dict[str, Any] | None = None,
-    rewards: dict[str, Any] | None = None,
-    backbone_dir: str | Path | None = None,
-    command: Sequence[str] | None = None,
-) -> None:
-    """write_bundle's work, into ``root``."""
     from hoe_core.experts.adapters import save_lora_adapter  # peft: imported only to write
 
-    if backbone_dir is not None:
-        shutil.copytree(backbone_dir, root / "backbone", dirs_exist_ok=True)
-        backbone_spec = "backbone"
-    expert_entries, router_entries = [], []
-    for e in experts:
-        rel = f"experts/{e.name}"
-        save_lora_adapter(e.factors, root / rel, base_model=backbone_spec)
-        info = (expert_info or {}).get(e.name, {})
-        expert_entries.append(
-            ExpertEntry(
-                name=e.name,
-                anchor=[float(x) for x in e.anchor],
-                path=rel,
-                kind=info.get("kind", "single"),
-                info={k: v for k, v in info.items() if k != "kind"},
+    final = Path(out_dir)
+    with _atomic_folder(final) as root:
+        if backbone_dir is not None:
+            shutil.copytree(backbone_dir, root / "backbone", dirs_exist_ok=True)
+            backbone_spec = "backbone"
+        expert_entries, router_entries = [], []
+        for e in experts:
+            rel = f"experts/{e.name}"
+            save_lora_adapter(e.factors, root / rel, base_model=backbone_spec)
+            info = (expert_info or {}).get(e.name, {})
+            expert_entries.append(
+                ExpertEntry(
+                    name=e.name,
+                    anchor=[float(x) for x in e.anchor],
+                    path=rel,
+                    kind=info.get("kind", "single"),
+                    info={k: v for k, v in info.items() if k != "kind"},
+                )
             )
-        )
-    for r in routers:
-        rel = f"routers/{r.name}.safetensors"
-        r.save(root / rel)
-        router_entries.append(
-            RouterEntry(
-                name=r.name,
-                anchor=[float(x) for x in r.anchor],
-                experts=list(r.experts),
-                path=rel,
-                info=(router_info or {}).get(r.name, {}),
+        for r in routers:
+            rel = f"routers/{r.name}.safetensors"
+            r.save(root / rel)
+            router_entries.append(
+                RouterEntry(
+                    name=r.name,
+                    anchor=[float(x) for x in r.anchor],
+                    experts=list(r.experts),
+                    path=rel,
+                    info=(router_info or {}).get(r.name, {}),
+                )
             )
+        files = {
+            p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        }
+        manifest = Manifest(
+            name=name,
+            backbone={"spec": backbone_spec, "fingerprint": fingerprint},
+            objectives=list(objectives),
+            experts=expert_entries,
+            routers=router_entries,
+            files=files,
+            decoding=asdict(decoding or DecodingConfig()),
+            recipe=recipe or {},
+            rewards=rewards or {},
+            provenance=provenance(command),
         )
-    files = {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = Manifest(
-        name=name,
-        backbone={"spec": backbone_spec, "fingerprint": fingerprint},
-        objectives=list(objectives),
-        experts=expert_entries,
-        routers=router_entries,
-        files=files,
-        decoding=asdict(decoding or DecodingConfig()),
-        recipe=recipe or {},
-        rewards=rewards or {},
-        provenance=provenance(command),
-    )
-    parse_manifest(root, json.loads(manifest.to_json()))  # never write what we cannot read
-    (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        parse_manifest(root, json.loads(manifest.to_json()))  # never write what we cannot read
+        (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return final
 
 
 @dataclass

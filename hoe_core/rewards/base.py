@@ -29,6 +29,31 @@ class RewardModel(Protocol):
         ...
 
 
+class BatchReward:
+    """Base of the registered rewards: ``from_params`` builds the frozen config (unknown
+    keys fail by name); ``score`` validates the batch, answers an empty one and calls
+    ``_score`` with lists of at least one pair."""
+
+    name: str
+    config_cls: type
+
+    @classmethod
+    def from_params(cls, **params: Any):
+        from hoe_core.config import from_dict
+
+        return cls(from_dict(cls.config_cls, params))
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """B prompts and B responses -> (B,) float64 raw rewards, higher = better."""
+        prompts, responses = check_batch(prompts, responses)
+        if not responses:
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(self._score(prompts, responses), dtype=np.float64)
+
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
 def check_batch(prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[str], list[str]]:
     """Validate a batch: equal lengths, every item a str. Returns both as lists."""
     if isinstance(prompts, str) or isinstance(responses, str):

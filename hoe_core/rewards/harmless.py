@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hoe_core.config import from_dict
-from hoe_core.rewards.base import check_batch
+from hoe_core.rewards.base import BatchReward
 from hoe_core.rewards.corpora import HarmlessExample, harmless_examples
 from hoe_core.rewards.heads import (
     EmbedFn,
@@ -85,10 +84,11 @@ def combine(p_profanity: np.ndarray | None, head_logit: np.ndarray | None) -> np
     return np.sum(terms, axis=0)
 
 
-class HarmlessReward:
+class HarmlessReward(BatchReward):
     """log P(harmless) from profanity and a harmful-compliance head; 0 is the best score."""
 
     name = "harmless"
+    config_cls = HarmlessConfig
 
     def __init__(self, config: HarmlessConfig | None = None, head: LinearHead | None = None):
         self.config = config or HarmlessConfig()
@@ -98,15 +98,8 @@ class HarmlessReward:
                 self.config.head_dir or default_heads_dir() / "harmless", name="harmless"
             )
 
-    @classmethod
-    def from_params(cls, **params) -> HarmlessReward:
-        return cls(from_dict(HarmlessConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts, B responses -> (B,) float64 in [log 1e-8, 0]."""
-        prompts, responses = check_batch(prompts, responses)
-        if not prompts:
-            return np.zeros(0, dtype=np.float64)
         p_prof = profanity_prob(responses) if self.config.use_profanity else None
         logit = None
         if self.head is not None:

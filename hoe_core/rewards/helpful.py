@@ -14,13 +14,11 @@ a question are one group), and its negatives are drawn from held-out answers onl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hoe_core.config import from_dict
-from hoe_core.rewards.base import check_batch
+from hoe_core.rewards.base import BatchReward
 from hoe_core.rewards.corpora import Turn, chatterbot_turns
 from hoe_core.rewards.heads import (
     EmbedFn,
@@ -58,27 +56,21 @@ class HelpfulConfig:
             raise ValueError(f"empty_score must be finite, got {self.empty_score!r}")
 
 
-class HelpfulReward:
+class HelpfulReward(BatchReward):
     """Relevance of a response to its prompt, as log-odds (higher = more on point)."""
 
     name = "helpful"
+    config_cls = HelpfulConfig
 
     def __init__(self, config: HelpfulConfig | None = None, head: LinearHead | None = None):
         self.config = config or HelpfulConfig()
         path = self.config.head_dir or default_heads_dir() / "helpful"
         self.head = head or load_head(path, name="helpful")
 
-    @classmethod
-    def from_params(cls, **params) -> HelpfulReward:
-        return cls(from_dict(HelpfulConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts, B responses -> (B,) float64 log-odds."""
         from hoe_core.rewards.embedder import embed
 
-        prompts, responses = check_batch(prompts, responses)
-        if not prompts:
-            return np.zeros(0, dtype=np.float64)
         both = embed(prompts + responses)  # one call: shared batching and dedupe, (2B, 384)
         u, v = both[: len(prompts)], both[len(prompts) :]
         raw = self.head.logits(u, v)

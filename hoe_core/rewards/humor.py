@@ -14,13 +14,11 @@ the unique texts (stratified) are held out.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hoe_core.config import from_dict
-from hoe_core.rewards.base import check_batch
+from hoe_core.rewards.base import BatchReward
 from hoe_core.rewards.corpora import chatterbot_turns, harmless_examples, informative_sentences, jokes
 from hoe_core.rewards.heads import (
     EmbedFn,
@@ -47,26 +45,20 @@ class HumorConfig:
     )
 
 
-class HumorReward:
+class HumorReward(BatchReward):
     """Log-odds that the response is a joke (higher = funnier-looking)."""
 
     name = "humor"
+    config_cls = HumorConfig
 
     def __init__(self, config: HumorConfig | None = None, head: LinearHead | None = None):
         self.config = config or HumorConfig()
         self.head = head or load_head(self.config.head_dir or default_heads_dir() / "humor", name="humor")
 
-    @classmethod
-    def from_params(cls, **params) -> HumorReward:
-        return cls(from_dict(HumorConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts (unused), B responses -> (B,) float64 log-odds."""
         from hoe_core.rewards.embedder import embed
 
-        prompts, responses = check_batch(prompts, responses)
-        if not responses:
-            return np.zeros(0, dtype=np.float64)
         return self.head.logits(None, embed(responses))
 
 

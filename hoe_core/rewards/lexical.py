@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hoe_core.config import from_dict
-from hoe_core.rewards.base import check_batch
+from hoe_core.rewards.base import BatchReward
 
 
 def _empty(n: int) -> np.ndarray:
@@ -46,21 +44,17 @@ def _vader():
     return SentimentIntensityAnalyzer()  # reads the lexicon bundled in the package
 
 
-class PositiveReward:
+class PositiveReward(BatchReward):
     """Sentiment of the response: VADER compound in [-1, 1]."""
 
     name = "positive"
+    config_cls = PositiveConfig
 
     def __init__(self, config: PositiveConfig | None = None):
         self.config = config or PositiveConfig()
 
-    @classmethod
-    def from_params(cls, **params) -> PositiveReward:
-        return cls(from_dict(PositiveConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts (unused), B responses -> (B,) float64 in [-1, 1]."""
-        _, responses = check_batch(prompts, responses)
         analyzer = _vader()
         return np.array([analyzer.polarity_scores(r)["compound"] for r in responses], dtype=np.float64)
 
@@ -86,21 +80,17 @@ def word_count(text: str) -> int:
     return sum(1 for tok in text.split() if re.search(r"\w", tok))
 
 
-class ConciseReward:
+class ConciseReward(BatchReward):
     """Shorter is better: -log(1 + words / ref_words)."""
 
     name = "concise"
+    config_cls = ConciseConfig
 
     def __init__(self, config: ConciseConfig | None = None):
         self.config = config or ConciseConfig()
 
-    @classmethod
-    def from_params(cls, **params) -> ConciseReward:
-        return cls(from_dict(ConciseConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts (unused), B responses -> (B,) float64 <= 0."""
-        _, responses = check_batch(prompts, responses)
         words = np.array([word_count(r) for r in responses], dtype=np.float64)
         return 0.0 - np.log1p(words / self.config.ref_words) if len(words) else _empty(0)
 
@@ -153,22 +143,18 @@ def flesch_reading_ease(text: str, lang: str = "en_US") -> float | None:
     )
 
 
-class SimpleReward:
+class SimpleReward(BatchReward):
     """Readability of the response: Flesch reading ease (higher = simpler)."""
 
     name = "simple"
+    config_cls = SimpleConfig
 
     def __init__(self, config: SimpleConfig | None = None):
         self.config = config or SimpleConfig()
         _pyphen(self.config.lang)  # fail now on an unknown language, not mid-training
 
-    @classmethod
-    def from_params(cls, **params) -> SimpleReward:
-        return cls(from_dict(SimpleConfig, params))
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """B prompts (unused), B responses -> (B,) float64 in [clip_min, clip_max]."""
-        _, responses = check_batch(prompts, responses)
         cfg = self.config
         raw = [flesch_reading_ease(r, cfg.lang) for r in responses]
         out = np.array([cfg.empty_score if s is None else s for s in raw], dtype=np.float64)
