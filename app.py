@@ -195,7 +195,10 @@ def on_inspect(session: Session, last):
     """Token x expert heatmap of the router gates for the last Steer answer."""
     if not last:
         raise gr.Error("Generate an answer in the Steer tab first.")
-    tokens, gates, experts = session.gates(last["prompt"], last["answer"], last["preference"])
+    try:
+        tokens, gates, experts = session.gates(last["prompt"], last["answer"], last["preference"])
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
     return gate_heatmap(tokens, gates, experts)
 
 
@@ -205,11 +208,12 @@ def on_front(session: Session, *sliders) -> dict:
         lam = session.preference(sliders)
     except ValueError as err:
         raise gr.Error(str(err)) from None
+    preference = dict(zip(session.objectives, lam.tolist()))
     if session.fronts is None:
-        return {"preference": lam.tolist(), "expected": None, "hypervolume": {}}
+        return {"preference": preference, "expected": None, "hypervolume": {}}
     expected = session.fronts.expected(lam)
     return {
-        "preference": dict(zip(session.objectives, lam.tolist())),
+        "preference": preference,
         "expected": dict(zip(session.objectives, expected.tolist())),
         "hypervolume": {m: f.hypervolume for m, f in session.fronts.methods.items()},
         "precision": session.fronts.precision,

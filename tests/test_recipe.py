@@ -32,10 +32,12 @@ def test_pico_recipe_builds_a_loadable_bundle_and_resumes(tmp_path):
         assert sweep["chosen_rank"] == min(int(r) for r in met)
     assert all(e.info["task_svd"]["ranks"] == [sweep["chosen_rank"]] for e in m.experts)
     assert len(report["ideal_point"]) == 2
-    tcheb = json.loads((tmp_path / "work" / "routers" / "center-tchebycheff.json").read_text())
+    (tcheb_path,) = (tmp_path / "work" / "routers").glob("center-tchebycheff-*.json")
+    tcheb = json.loads(tcheb_path.read_text())
     np.testing.assert_allclose(tcheb["ideal"], np.array(report["ideal_point"]) + 0.1)
     assert set(m.rewards) == {"concise", "simple"} and "normalizer" in m.rewards["concise"]
-    curves = json.loads((tmp_path / "work" / "routers" / "center-linear.json").read_text())["curve"]
+    (linear,) = (tmp_path / "work" / "routers").glob("center-linear-*.json")
+    curves = json.loads(linear.read_text())["curve"]
     assert len(curves) == 2 and "reward_concise" in curves[0]
     np.testing.assert_allclose(loaded.hoe.anchors[2], [0.5, 0.5])
 

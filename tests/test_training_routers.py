@@ -74,3 +74,11 @@ def test_tchebycheff_router_training_needs_a_valid_ideal_point(pico_model, pico_
         train_router(hoe, pico_tokenizer, 0, ["hi"], rewards, norms, cfg)
     with pytest.raises(ValueError, match="3 finite numbers"):
         train_router(hoe, pico_tokenizer, 0, ["hi"], rewards, norms, cfg, ideal=[0.1, float("nan"), 0.2])
+
+
+def test_answer_mask_keeps_the_first_end_of_sequence_and_drops_padding():
+    from hoe_core.training.routers import _answer_mask
+
+    answers = torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 4], [2, 2, 2, 2, 2]])
+    expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert _answer_mask(answers, eos_id=2).tolist() == expected

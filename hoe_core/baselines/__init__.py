@@ -61,6 +61,8 @@ def make_method(
     """The generate function of method ``name`` over a :class:`~hoe_core.bundle.LoadedBundle`."""
     from hoe_core.baselines import merge, mod, soups
 
+    if name == "experts":
+        raise ValueError("'experts' names several methods: expand it with expand_methods first")
     expand_methods([name], loaded.objectives)  # raises with the list of known names
     hoe, tok = loaded.hoe, loaded.backbone.tokenizer
     if name == "hoe":
@@ -75,7 +77,12 @@ def make_method(
         return soups.single_expert(hoe, tok, decoding, name[len("expert-") :])
     if name.startswith("merge-"):
         kind = name[len("merge-") :]
-        params = {**MERGE_DEFAULTS.get(kind, {}), **dict((merge_params or {}).get(kind, {}))}
+        recipe = ((loaded.manifest.recipe or {}).get("config") or {}).get("merge") or {}
+        params = {
+            **MERGE_DEFAULTS.get(kind, {}),
+            **dict((recipe.get("params") or {}).get(kind, {})),  # as the recipe merged its anchors
+            **dict((merge_params or {}).get(kind, {})),
+        }
         return merge.merge_method(
             hoe, tok, decoding, merge.single_factors(hoe, loaded.experts), kind, **params
         )

@@ -14,6 +14,7 @@ With ``ta`` (scale 1) this is Rewarded Soups' theta_lambda computed a second way
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -41,6 +42,9 @@ def _add_delta(module, inputs, output):
     return output + (inputs[0].to(delta.dtype) @ delta.T).to(output.dtype)
 
 
+_HOOK_LOCK = threading.Lock()
+
+
 def _install_hooks(hoe: HoEModel) -> None:
     if getattr(hoe, "_merge_hooks", None) is None:
         hoe._merge_hooks = [layer.register_forward_hook(_add_delta) for layer in hoe.layers.values()]
@@ -49,7 +53,8 @@ def _install_hooks(hoe: HoEModel) -> None:
 @contextmanager
 def use_deltas(hoe: HoEModel, deltas: dict[str, torch.Tensor]):
     """Inside the block every HoE layer named in ``deltas`` adds ``x @ delta.T``."""
-    _install_hooks(hoe)
+    with _HOOK_LOCK:
+        _install_hooks(hoe)
     token = _DELTAS.set(deltas)
     try:
         yield
@@ -93,6 +98,8 @@ def merge_method(
         raise ValueError(f"need one expert per objective ({len(hoe.objectives)}), got {len(factors)}")
     merger = MergeAtPreference(factors, method, next(hoe.model.parameters()).device, **params)
     plain = base_model(hoe, tokenizer, decoding)
+    with _HOOK_LOCK:
+        _install_hooks(hoe)  # here, not per call: two threads must never both install them
 
     def run(prompts: Sequence[str], lam: np.ndarray) -> list[str]:
         lam = normalize_preference(lam, len(hoe.objectives))

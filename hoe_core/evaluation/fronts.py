@@ -50,7 +50,7 @@ def readme(bundle: str, summaries: dict[str, dict], command: str, n_prompts: int
     objectives = first["objectives"]
     parts = [
         f"# Precomputed fronts: `{bundle}`\n",
-        f"Every method over a simplex lattice of {len(first['methods']['hoe']['points'])} preferences "
+        f"Every method over a simplex lattice of {max(len(m['points']) for m in first['methods'].values())} preferences "
         f"(G = {grid} per edge) on {n_prompts} eval prompts (`prompts.txt`, evenly spaced over "
         "assets/prompts/eval.txt), greedy decoding. Rewards are "
         + ("normalised with the base model's sample statistics" if first["normalised"] else "raw")

@@ -30,11 +30,12 @@ from hoe_core.evaluation.metrics import simplex_grid
 class EvalSettings:
     """What makes two evaluations the same (recorded in every part and the summary)."""
 
-    bundle_sha: str  # digest of the manifest's file checksums
+    bundle_sha: str  # digest of manifest.json (file checksums, normalisers, reward parameters)
     precision: str
     decoding: dict
     prompts_sha: str
     grid: int
+    batch_size: int  # padding can change greedy answers of quantised models
 
 
 def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
@@ -174,6 +175,7 @@ def evaluate_bundle(
 
     Everything is validated before the model loads. Returns the summary.
     """
+    from hoe_core.backbone import sha256_file
     from hoe_core.baselines import expand_methods, make_method, preference_free
     from hoe_core.bundle import load_bundle, read_manifest
     from hoe_core.evaluation.summary import markdown_table, summarize
@@ -201,11 +203,12 @@ def evaluate_bundle(
         }
     )
     settings = EvalSettings(
-        bundle_sha=_digest(manifest.files),
+        bundle_sha=sha256_file(Path(bundle) / "manifest.json")[:16],
         precision=precision,
         decoding=asdict(decoding),
         prompts_sha=_digest(prompts),
         grid=grid,
+        batch_size=batch_size,
     )
     loaded = load_bundle(bundle, precision=precision, device=device)
     rewards, normalizers = bundle_rewards(manifest)

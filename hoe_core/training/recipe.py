@@ -8,6 +8,7 @@ work folder (``build-cache/<name>`` by default); a rerun skips what is done.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -65,13 +66,14 @@ def _backbone(cfg: RecipeConfig, work: Path):
     from hoe_core.backbone import load_backbone
     from hoe_core.pico import save_pico_backbone
 
+    device = str(distributed.state().device)  # this process's device under accelerate launch
     if cfg.backbone == "pico":
         folder = work / "backbone"
         if distributed.is_main() and not (folder / "config.json").is_file():
             save_pico_backbone(folder, seed=cfg.seed)
         distributed.barrier()
-        return load_backbone(str(folder), "fp32", "cpu"), folder
-    return load_backbone(cfg.backbone, "fp32"), None
+        return load_backbone(str(folder), "fp32", device), folder
+    return load_backbone(cfg.backbone, "fp32", device), None
 
 
 def _vertex(n: int, i: int) -> np.ndarray:
@@ -87,8 +89,16 @@ def _cached_rows(path: Path, compute, *args) -> list[dict]:
     rows = compute(*args)  # every process computes (greedy: the same rows); the main one writes
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows) + "\n")
+        tmp.replace(path)  # complete on disk or absent: other processes may read it
     return rows
+
+
+def _key(*parts) -> str:
+    """A short digest of a step's inputs: cache files carry it in their names, so changing
+    an input (a rank, the merge params, the prompts, a retrained expert) recomputes the step."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _own_means(rows: list[dict], objectives) -> np.ndarray:
@@ -132,6 +142,10 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     norms = {o: fit_normalizer(np.array([s.rewards[o] for s in samples])) for o in cfg.objectives}
     lap("sample", t0)
 
+    val_decoding = DecodingConfig(
+        **{**asdict(cfg.decoding), "max_new_tokens": cfg.merge.max_new_tokens, "temperature": 0.0}
+    )
+
     # 2. single-objective fine-tunes (DPO LoRA), resumable per objective
     t0 = time.perf_counter()
     training = {}
@@ -144,13 +158,14 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             )
         training[o] = json.loads((adapter / "training.json").read_text())
     taus = {o: dict(load_lora_adapter(work / "dpo" / o)) for o in cfg.objectives}
+    from hoe_core.backbone import sha256_file
+
+    dpo_key = _key([sha256_file(work / "dpo" / o / "adapter_model.safetensors") for o in cfg.objectives])
+    val_key = _key(val, asdict(val_decoding), cfg.reward_params, dpo_key)
     lap("experts", t0)
 
     # 3. task-SVD -> single-objective LoRA experts at the vertices; the rank from a sweep on val
     t0 = time.perf_counter()
-    val_decoding = DecodingConfig(
-        **{**asdict(cfg.decoding), "max_new_tokens": cfg.merge.max_new_tokens, "temperature": 0.0}
-    )
 
     def evaluate(method_name, method, grid):
         return evaluate_grid(
@@ -184,7 +199,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     if cfg.rank_sweep.ranks:
         uniform = np.full((1, n), 1 / n)
         base_rows = _cached_rows(
-            work / "val_rows" / "base.json",
+            work / "val_rows" / f"base-{val_key}.json",
             evaluate,
             "base",
             model_method(bb.model, tok, val_decoding),
@@ -195,7 +210,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             LoraExpert(name=o, anchor=_vertex(n, i), factors=taus[o]) for i, o in enumerate(cfg.objectives)
         ]
         full_own = _own_means(
-            _cached_rows(work / "val_rows" / "full.json", evaluate_hoe, "full", full, vertices),
+            _cached_rows(work / "val_rows" / f"full-{val_key}.json", evaluate_hoe, "full", full, vertices),
             cfg.objectives,
         )
         own, retained = {}, {}
@@ -203,7 +218,13 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             ranked, _ = single_experts(replace(cfg.task_svd, rank=r))
             own[r] = _own_means(
                 _cached_rows(
-                    work / "val_rows" / f"rank-{r}.json", evaluate_hoe, f"rank-{r}", ranked, vertices
+                    work
+                    / "val_rows"
+                    / f"rank-{r}-{_key(asdict(replace(cfg.task_svd, rank=r)), val_key)}.json",
+                    evaluate_hoe,
+                    f"rank-{r}",
+                    ranked,
+                    vertices,
                 ),
                 cfg.objectives,
             )
@@ -239,7 +260,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     }
     # the single experts at their own vertices, on val: shared by the merge selection and z*
     vertex_rows = _cached_rows(
-        work / "val_rows" / f"rank-{task_cfg.rank}.json",
+        work / "val_rows" / f"rank-{task_cfg.rank}-{_key(asdict(task_cfg), val_key)}.json",
         evaluate_hoe,
         f"rank-{task_cfg.rank}",
         experts,
@@ -264,7 +285,9 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 name = "merge-" + "-".join(f"{x:.2f}" for x in a)
                 merged.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
             rows = _cached_rows(  # delete build-cache/<name>/merge to redo
-                work / "merge" / f"{method}-rows.json",
+                work
+                / "merge"
+                / f"{method}-{_key(cfg.merge.params.get(method, {}), cfg.anchors, cfg.merge.grid, asdict(task_cfg), val_key)}.json",
                 evaluate_hoe,
                 method,
                 experts + [m for m, _ in merged],
@@ -294,7 +317,8 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         subset = [experts[i].name for i in nearest_experts(np.array(spec.anchor), anchors, spec.k)]
         info = {}
         for scal in ["tchebycheff", "linear"] if cfg.ablation_linear else ["tchebycheff"]:
-            path = work / "routers" / f"{spec.name}-{scal}.safetensors"
+            inputs = _key(asdict(spec), expert_info, dpo_key, train, cfg.reward_params, ideal.tolist())
+            path = work / "routers" / f"{spec.name}-{scal}-{inputs}.safetensors"
             router = RouterExpert(name=spec.name, anchor=np.array(spec.anchor), experts=subset)
             if path.is_file():
                 router = RouterExpert.load(path, spec.name, spec.anchor, subset)
@@ -331,7 +355,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     hoe = HoEModel(bb.model, cfg.objectives, experts, routers)
     decoding = DecodingConfig(**{**asdict(cfg.decoding), "temperature": 0.0})
     points = {"base": None, **{o: _vertex(n, i) for i, o in enumerate(cfg.objectives)}}
-    cached_eval = work / "report_eval.json"
+    cached_eval = work / f"report_eval-{_key(evals, asdict(cfg.decoding), expert_info, router_info)}.json"
     evaluation = json.loads(cached_eval.read_text()) if cached_eval.is_file() else {}
     for label, lam in points.items():
         if label in evaluation:

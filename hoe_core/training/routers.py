@@ -75,15 +75,28 @@ class TchebycheffOMD:
         return rewards @ (self.w * self.lam)
 
 
-def _response_logprobs(model, sequences: torch.Tensor, attention: torch.Tensor, prompt_len: int, pad_id: int):
-    """Mean log-probability per sequence of its generated tokens. -> (B,)"""
+def _answer_mask(answers: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T_new) 1 up to and including the first end-of-sequence token, 0 after it."""
+    is_eos = (answers == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+def _response_logprobs(model, sequences: torch.Tensor, attention: torch.Tensor, prompt_len: int, eos_id: int):
+    """Mean log-probability per sequence of its generated tokens, up to and including the
+    first end-of-sequence token (padding after it, often the same id, is left out). -> (B,)"""
     logits = model(input_ids=sequences, attention_mask=attention).logits[
         :, prompt_len - 1 : -1
     ]  # (B, T_new, V)
     targets = sequences[:, prompt_len:]  # (B, T_new)
-    mask = (targets != pad_id).float()
+    mask = _answer_mask(targets, eos_id).float()
     logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
     return (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def _eos_id(model, tokenizer) -> int:
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    return int(eos if eos is not None else tokenizer.eos_token_id)
 
 
 def train_router(
@@ -136,6 +149,11 @@ def train_router(
     )
     order = np.random.default_rng(cfg.seed).permutation(len(prompts))
     procs = distributed.state()
+    if cfg.prompts_per_step < procs.num_processes:
+        raise ValueError(
+            f"prompts_per_step ({cfg.prompts_per_step}) must be at least the number of processes "
+            f"({procs.num_processes}); ideally a multiple of it"
+        )
     device = next(hoe.model.parameters()).device
     curve, start = [], time.perf_counter()
     name = hoe.routers[router].name
@@ -164,9 +182,10 @@ def train_router(
         grouped = scalar.reshape(len(idx), cfg.samples_per_prompt)
         s = cfg.samples_per_prompt
         advantage = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (s - 1)).reshape(-1)  # RLOO
-        attention = torch.cat([enc["attention_mask"], (seqs[:, plen:] != tokenizer.pad_token_id).long()], 1)
+        eos_id = _eos_id(hoe.model, tokenizer)
+        attention = torch.cat([enc["attention_mask"], _answer_mask(seqs[:, plen:], eos_id)], 1)
         with hoe.routing(anchor_weights=anchor_w.expand(len(batch), -1)):
-            logp = _response_logprobs(hoe.model, seqs, attention, plen, tokenizer.pad_token_id)
+            logp = _response_logprobs(hoe.model, seqs, attention, plen, eos_id)
         loss = -(torch.as_tensor(advantage, dtype=logp.dtype) * logp).mean()
         optim.zero_grad()
         loss.backward()

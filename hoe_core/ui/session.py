@@ -169,7 +169,10 @@ class Session:
         ids = torch.cat([enc["input_ids"], answer_ids], 1)
         with hoe.routing([self.preference(lam)], record_gates=True) as routing:
             hoe.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        per_module = [steps[0][0, -answer_ids.shape[1] :] for steps in routing.gates.values()]  # (T, E) each
+        n = answer_ids.shape[
+            1
+        ]  # the gate at position p chose token p + 1: answer token j <- p = plen + j - 1
+        per_module = [steps[0][0, -n - 1 : -1] for steps in routing.gates.values()]  # (T, E) each
         gates = torch.stack(per_module).mean(0).numpy()
         tokens = [tok.decode([t]) for t in answer_ids[0].tolist()]
         return tokens, gates, list(hoe.expert_names)
