@@ -37,13 +37,13 @@ def _log(msg: str) -> None:
         print(f"[build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _prompts(cfg: RecipeConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, val, eval) as (id, text) lists."""
+def _prompts(cfg: RecipeConfig) -> tuple[list, list, list, list]:
+    """(train, val, eval, sweep) as (id, text) lists; sweep: val capped by rank_sweep.max_prompts."""
     src = cfg.prompts
     if src.source == "inline":
         train = [(f"train-{i}", p) for i, p in enumerate(src.train)]
         val = [(f"val-{i}", p) for i, p in enumerate(src.val)]
-        return train, val, val
+        return train, val, val, val
     if src.source != "assets":
         raise ValueError(f"prompts.source must be 'assets' or 'inline', got {src.source!r}")
     from hoe_core.data.prompts import load_prompts
@@ -129,7 +129,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     t0 = time.perf_counter()
     bb, pico_folder = _backbone(cfg, work)
     tok = bb.tokenizer
-    train, val, evals = _prompts(cfg)
+    train, val, evals, sweep_prompts = _prompts(cfg)
     rewards = {o: get_reward(o, **cfg.reward_params.get(o, {})) for o in cfg.objectives}
     _log(
         f"backbone {bb.spec} ({bb.fingerprint}); {len(train)} train / {len(val)} val / {len(evals)} eval prompts"
@@ -161,17 +161,17 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     from hoe_core.backbone import sha256_file
 
     dpo_key = _key([sha256_file(work / "dpo" / o / "adapter_model.safetensors") for o in cfg.objectives])
-    val_key = _key(val, asdict(val_decoding), cfg.reward_params, dpo_key)
+    val_key = _key(sweep_prompts, asdict(val_decoding), cfg.reward_params, dpo_key)
     lap("experts", t0)
 
     # 3. task-SVD -> single-objective LoRA experts at the vertices; the rank from a sweep on val
     t0 = time.perf_counter()
 
-    def evaluate(method_name, method, grid):
+    def evaluate(method_name, method, grid, prompts=val):
         return evaluate_grid(
             method_name,
             method,
-            val,
+            prompts,
             grid,
             cfg.objectives,
             rewards,
@@ -179,77 +179,89 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             batch_size=cfg.merge.batch_size,
         )
 
-    def evaluate_hoe(method_name, hoe_experts, grid):
+    def evaluate_hoe(method_name, hoe_experts, grid, prompts=val):
         hoe = HoEModel(bb.model, cfg.objectives, hoe_experts)
         try:
-            return evaluate(method_name, hoe_method(hoe, tok, val_decoding), grid)
+            return evaluate(method_name, hoe_method(hoe, tok, val_decoding), grid, prompts)
         finally:
             hoe.detach()
 
-    def single_experts(task_cfg):
+    def single_experts(ranks: dict[str, int]):
         out, reports = [], {}
         for i, o in enumerate(cfg.objectives):
-            factors, reports[o] = compress(taus[o], task_cfg)
+            factors, reports[o] = compress(taus[o], replace(cfg.task_svd, rank=ranks[o]))
             out.append(LoraExpert(name=o, anchor=_vertex(n, i), factors=factors))
         return out, reports
 
     vertices = np.eye(n)
     sweep_report = None
-    task_cfg = cfg.task_svd
+    chosen = {o: cfg.task_svd.rank for o in cfg.objectives}
+    candidates = sorted(cfg.rank_sweep.ranks) or [cfg.task_svd.rank]
+    rank_rows: dict[int, list[dict]] = {}
+    for r in candidates:  # every single expert at rank r, each at its own vertex, on the sweep prompts
+        ranked, _ = single_experts(dict.fromkeys(cfg.objectives, r))
+        rank_rows[r] = _cached_rows(
+            work / "val_rows" / f"rank-{r}-{_key(asdict(replace(cfg.task_svd, rank=r)), val_key)}.json",
+            evaluate_hoe,
+            f"rank-{r}",
+            ranked,
+            vertices,
+            sweep_prompts,
+        )
     if cfg.rank_sweep.ranks:
-        uniform = np.full((1, n), 1 / n)
         base_rows = _cached_rows(
             work / "val_rows" / f"base-{val_key}.json",
             evaluate,
             "base",
             model_method(bb.model, tok, val_decoding),
-            uniform,
+            np.full((1, n), 1 / n),
+            sweep_prompts,
         )
         base_own = np.array([np.mean([r[f"r_{o}"] for r in base_rows]) for o in cfg.objectives])
         full = [
             LoraExpert(name=o, anchor=_vertex(n, i), factors=taus[o]) for i, o in enumerate(cfg.objectives)
         ]
-        full_own = _own_means(
-            _cached_rows(work / "val_rows" / f"full-{val_key}.json", evaluate_hoe, "full", full, vertices),
-            cfg.objectives,
+        full_rows = _cached_rows(
+            work / "val_rows" / f"full-{val_key}.json", evaluate_hoe, "full", full, vertices, sweep_prompts
         )
-        own, retained = {}, {}
-        for r in sorted(cfg.rank_sweep.ranks):
-            ranked, _ = single_experts(replace(cfg.task_svd, rank=r))
-            own[r] = _own_means(
-                _cached_rows(
-                    work
-                    / "val_rows"
-                    / f"rank-{r}-{_key(asdict(replace(cfg.task_svd, rank=r)), val_key)}.json",
-                    evaluate_hoe,
-                    f"rank-{r}",
-                    ranked,
-                    vertices,
-                ),
-                cfg.objectives,
-            )
-            retained[r] = _retained(base_own, full_own, own[r])
+        full_own = _own_means(full_rows, cfg.objectives)
+        own = {r: _own_means(rows, cfg.objectives) for r, rows in rank_rows.items()}
+        retained = {r: _retained(base_own, full_own, own[r]) for r in candidates}
+        for r in candidates:
             _log(f"rank {r}: own-objective gain retained {retained[r]}")
-        met = [
-            r
-            for r in sorted(retained)
-            if all(x is None or x >= cfg.rank_sweep.min_retained for x in retained[r])
-        ]
-        chosen = met[0] if met else max(retained)
-        if not met:
-            _log(f"no rank in {sorted(retained)} keeps {cfg.rank_sweep.min_retained:.0%}; using {chosen}")
-        task_cfg = replace(cfg.task_svd, rank=chosen)
+        target = cfg.rank_sweep.min_retained
+        for i, o in enumerate(cfg.objectives):
+            keeps = [r for r in candidates if retained[r][i] is None or retained[r][i] >= target]
+            chosen[o] = keeps[0] if keeps else candidates[-1]
+        per_rank = sum(
+            d.shape[0] + d.shape[1] for d in taus[cfg.objectives[0]].values()
+        )  # params per rank unit
+        budget = cfg.rank_sweep.max_bundle_mib * 2**20 / 2  # fp16 parameters
+
+        def params() -> int:
+            return per_rank * (sum(chosen.values()) + len(cfg.anchors) * cfg.task_svd.rank)
+
+        while params() > budget and max(chosen.values()) > candidates[0]:
+            top = max(chosen, key=chosen.get)  # step the largest rank down one candidate
+            chosen[top] = candidates[candidates.index(chosen[top]) - 1]
+        _log(f"ranks {chosen} ({2 * params() / 2**20:.1f} MiB of experts in fp16)")
         sweep_report = {
             "objectives": list(cfg.objectives),
+            "prompts": len(sweep_prompts),
             "base_own_reward": base_own.tolist(),
             "full_own_reward": full_own.tolist(),
             "own_reward": {str(r): v.tolist() for r, v in own.items()},
             "retained": {str(r): v for r, v in retained.items()},
-            "min_retained": cfg.rank_sweep.min_retained,
-            "chosen_rank": chosen,
-            "target_met": bool(met),
+            "min_retained": target,
+            "chosen_ranks": chosen,
+            "retained_at_chosen": {o: retained[chosen[o]][i] for i, o in enumerate(cfg.objectives)},
+            "target_met": all(
+                retained[chosen[o]][i] is None or retained[chosen[o]][i] >= target
+                for i, o in enumerate(cfg.objectives)
+            ),
+            "experts_mib_fp16": round(2 * params() / 2**20, 1),
         }
-    experts, svd_reports = single_experts(task_cfg)
+    experts, svd_reports = single_experts(chosen)
     expert_info = {
         o: {
             "kind": "single",
@@ -258,14 +270,13 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         }
         for o in cfg.objectives
     }
-    # the single experts at their own vertices, on val: shared by the merge selection and z*
-    vertex_rows = _cached_rows(
-        work / "val_rows" / f"rank-{task_cfg.rank}-{_key(asdict(task_cfg), val_key)}.json",
-        evaluate_hoe,
-        f"rank-{task_cfg.rank}",
-        experts,
-        vertices,
-    )
+    # each single expert at its own vertex (its chosen rank), on the sweep prompts: the ideal
+    # point z*; the val prompts among them join the merge selection's front
+    vertex_rows = [
+        row for i, o in enumerate(cfg.objectives) for row in rank_rows[chosen[o]] if row[f"w_{o}"] == 1.0
+    ]
+    val_ids = {pid for pid, _ in val}
+    val_vertex_rows = [row for row in vertex_rows if row["prompt_id"] in val_ids]
     lap("task_svd", t0)
 
     # 4. merged experts at anchors: one candidate set per method, chosen by val hypervolume
@@ -281,19 +292,19 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 tau = merged_objective_vector(
                     [taus[o] for o in cfg.objectives], list(a), method, **cfg.merge.params.get(method, {})
                 )
-                factors, report = compress(tau, task_cfg)
+                factors, report = compress(tau, cfg.task_svd)
                 name = "merge-" + "-".join(f"{x:.2f}" for x in a)
                 merged.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
             rows = _cached_rows(  # delete build-cache/<name>/merge to redo
                 work
                 / "merge"
-                / f"{method}-{_key(cfg.merge.params.get(method, {}), cfg.anchors, cfg.merge.grid, asdict(task_cfg), val_key)}.json",
+                / f"{method}-{_key(cfg.merge.params.get(method, {}), cfg.anchors, cfg.merge.grid, asdict(cfg.task_svd), val, val_key)}.json",
                 evaluate_hoe,
                 method,
                 experts + [m for m, _ in merged],
                 interior,
             )
-            _, means = mean_front(vertex_rows + rows, cfg.objectives)
+            _, means = mean_front(val_vertex_rows + rows, cfg.objectives)
             selection[method] = hypervolume(means, np.full(n, HV_REFERENCE))
             candidates[method] = merged
             _log(f"merge {method}: val hypervolume {selection[method]:.4f}")

@@ -46,20 +46,25 @@ class MergeConfig:
 class RankSweepConfig:
     """Step 3: own-objective reward retained vs task-SVD rank, on val, greedy.
 
-    retained(r) = mean(own reward at rank r - base) / mean(own reward of the uncompressed
-    expert - base). The smallest rank in ``ranks`` keeping ``min_retained`` for every
-    objective is used for all experts; if none does, the largest (the size budget's cap).
-    An empty ``ranks`` skips the sweep and uses ``task_svd.rank``.
+    retained_i(r) = mean(own reward of expert i at rank r - base) / mean(own reward of the
+    uncompressed expert i - base). Each single expert gets the smallest rank in ``ranks``
+    keeping ``min_retained`` (else the largest); if the experts then exceed
+    ``max_bundle_mib`` (fp16, merged experts at ``task_svd.rank``), the largest ranks step
+    down until they fit. An empty ``ranks`` skips the sweep: every expert at ``task_svd.rank``.
     """
 
     ranks: tuple[int, ...] = ()
     min_retained: float = 0.9
+    max_prompts: int | None = None  # val prompts for the sweep (None: the whole val split)
+    max_bundle_mib: float = 40.0
 
     def __post_init__(self) -> None:
         if any(not isinstance(r, int) or r < 1 for r in self.ranks):
             raise ValueError(f"rank_sweep.ranks must be positive integers, got {list(self.ranks)}")
         if not 0.0 < self.min_retained <= 1.0:
             raise ValueError(f"rank_sweep.min_retained must be in (0, 1], got {self.min_retained}")
+        if not self.max_bundle_mib > 0:
+            raise ValueError(f"rank_sweep.max_bundle_mib must be positive, got {self.max_bundle_mib}")
 
 
 @dataclass(frozen=True)
