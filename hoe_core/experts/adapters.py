@@ -8,6 +8,7 @@ scaling alpha/r is exactly 1 and the factors carry the whole delta.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -63,6 +64,10 @@ def save_lora_adapter(
         tensors[f"{PREFIX}{name}.lora_B.weight"] = (f.B.float() * f.scale).to(dtype).contiguous()
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(str(out))
+    # peft stores target_modules as a set: sort it so the same expert gives the same bytes
+    saved = json.loads((out / CONFIG).read_text())
+    saved["target_modules"] = sorted(saved["target_modules"])
+    (out / CONFIG).write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return out
 
 
