@@ -62,6 +62,26 @@ def readme(bundle: str, summaries: dict[str, dict], command: str, n_prompts: int
     for precision, summary in summaries.items():
         parts.append(f"## {precision}{' (the app default)' if precision == APP_PRECISION else ''}\n")
         parts.append(markdown_table(summary, summary["timing"]))
+        methods = summary["methods"]
+        if "hoe" in methods:
+            above = [
+                m
+                for m, v in methods.items()
+                if m != "hoe" and v["hypervolume"] > methods["hoe"]["hypervolume"]
+            ]
+            low = [o for o, rho in (methods["hoe"]["steerability"] or {}).items() if rho < 0.8]
+            parts.append(
+                (
+                    "HoE's hypervolume is below " + ", ".join(f"`{m}`" for m in above)
+                    if above
+                    else "HoE's hypervolume is the highest"
+                )
+                + (
+                    f"; its steerability is under 0.8 for {', '.join(low)}."
+                    if low
+                    else "; steerability >= 0.8 everywhere."
+                )
+            )
         parts.append("")
     parts.append("## Cost per method\n")
     parts.append("| method | backbone forwards / token | what it keeps in memory |\n|---|---|---|")
