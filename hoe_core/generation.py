@@ -155,12 +155,16 @@ def stream(
     prompt: str,
     preference: Sequence[float],
     decoding: DecodingConfig = DecodingConfig(),
+    anchor_weights: torch.Tensor | None = None,
 ) -> Iterator[str]:
-    """Yield the answer's text as it grows (cumulative), token by token."""
+    """Yield the answer's text as it grows (cumulative), token by token.
+
+    ``anchor_weights`` (1, K) replaces routing the preference (baselines that mix experts
+    themselves; all zeros is the bare backbone)."""
     from transformers import TextIteratorStreamer
 
     prompt = clean_prompt(prompt)
-    weights = hoe.anchor_weights([preference])
+    weights = hoe.anchor_weights([preference]) if anchor_weights is None else anchor_weights
     device = next(hoe.model.parameters()).device
     enc = encode_chat(tokenizer, [prompt], device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -96,6 +96,14 @@ def test_steer_streams_then_reports_rewards_and_the_live_point(session):
     np.testing.assert_allclose(z.sum(0), 1.0, atol=1e-4)  # gates are a distribution over experts
 
 
+def test_compare_streams_every_method(session):
+    seen = {m: 0 for m in COMPARE_METHODS}
+    for answers in session.compare("hello", [1, 1, 0], session.decoding(6, 0.0, 0)):
+        for a in answers:
+            seen[a.method] += bool(a.text) and not a.done  # a partial answer was shown
+    assert all(n >= 1 for n in seen.values()), seen  # shown while generating, not only when finished
+
+
 def test_compare_gives_one_answer_per_method(session):
     outputs = list(app.on_compare(session, "hello", 6, 1, 1, 0))
     *texts, table, figure = outputs[-1]

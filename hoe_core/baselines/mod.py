@@ -14,7 +14,7 @@ temperature and top-p then act on the combined score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-@torch.no_grad()
 def mod_generate(
     hoe: HoEModel,
     tokenizer,
@@ -56,6 +55,20 @@ def mod_generate(
         experts: anchor index of each objective's single-objective model (default: the
             experts at the simplex vertices).
     """
+    *_, new = mod_steps(hoe, tokenizer, prompts, preference, decoding, experts)  # the last step's tokens
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+@torch.no_grad()
+def mod_steps(
+    hoe: HoEModel,
+    tokenizer,
+    prompts: Sequence[str],
+    preference: Sequence[float],
+    decoding: DecodingConfig = DecodingConfig(),
+    experts: Sequence[int] | None = None,
+) -> Iterator[torch.Tensor]:
+    """MOD decoding one token at a time: yields the new tokens so far, (B, t), per step."""
     lam = normalize_preference(preference, len(hoe.objectives))
     experts = list(vertex_experts(hoe) if experts is None else experts)
     active = [(i, float(lam[i])) for i in range(len(lam)) if lam[i] > 0]
@@ -102,16 +115,27 @@ def mod_generate(
             token = torch.multinomial(torch.softmax(warpers(ids, score), -1), 1)[:, 0]
         token = torch.where(done, torch.full_like(token, pad), token)
         new_tokens.append(token)
+        yield torch.stack(new_tokens, 1)
         done |= torch.isin(token, torch.tensor(sorted(eos), device=device))
         ids = torch.cat([ids, token[:, None]], 1)
         attention = torch.cat([attention, attention.new_ones(batch, 1)], 1)
         step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
         if bool(done.all()):
             break
-    new = torch.stack(new_tokens, 1)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
 def mod_method(hoe: HoEModel, tokenizer, decoding: DecodingConfig) -> Method:
     experts = vertex_experts(hoe)
     return lambda prompts, lam: mod_generate(hoe, tokenizer, prompts, lam, decoding, experts)
+
+
+def mod_stream(
+    hoe: HoEModel,
+    tokenizer,
+    prompt: str,
+    preference: Sequence[float],
+    decoding: DecodingConfig = DecodingConfig(),
+) -> Iterator[str]:
+    """One prompt's MOD answer as it grows (cumulative text), token by token."""
+    for new in mod_steps(hoe, tokenizer, [prompt], preference, decoding):
+        yield tokenizer.decode(new[0], skip_special_tokens=True).strip()

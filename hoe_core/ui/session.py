@@ -135,24 +135,36 @@ class Session:
         decoding: DecodingConfig,
         methods: Sequence[str] = COMPARE_METHODS,
     ) -> Iterator[list[Answer]]:
-        """Each method's answer in turn; yields the list of answers after every update.
-
-        HoE streams token by token; the baselines yield when their answer is complete."""
+        """Each method's answer in turn, streamed; yields the list of answers after every token."""
         prompt, lam = clean_prompt(prompt), self.preference(lam)
         answers = [Answer(m) for m in methods]
         for a in answers:
             start = time.perf_counter()
-            if a.method == "hoe":
-                for text in self.steer(prompt, lam, decoding):
-                    a.text, a.seconds = text, time.perf_counter() - start
-                    yield answers
-            else:
-                a.text = self._method(a.method, decoding)([prompt], lam)[0]
+            for text in self._stream(a.method, prompt, lam, decoding):
+                a.text, a.seconds = text, time.perf_counter() - start
+                yield answers
             a.seconds = time.perf_counter() - start
             a.tokens = len(self.tokenizer(a.text, add_special_tokens=False)["input_ids"])
             a.rewards = self.score(prompt, a.text)
             a.done = True
             yield answers
+
+    def _stream(self, method: str, prompt: str, lam: np.ndarray, decoding: DecodingConfig) -> Iterator[str]:
+        """Cumulative text of ``method``'s answer, token by token (merge baselines: at once)."""
+        from hoe_core.baselines.mod import mod_stream
+        from hoe_core.baselines.soups import mixture_weights, vertex_experts
+
+        hoe = self.loaded.hoe
+        if method == "hoe":
+            yield from self.steer(prompt, lam, decoding)
+        elif method in ("rs", "base"):
+            experts = vertex_experts(hoe)
+            weights = mixture_weights(hoe, experts, lam if method == "rs" else np.zeros(len(lam)), 1)
+            yield from stream(hoe, self.tokenizer, prompt, lam, decoding, anchor_weights=weights)
+        elif method == "mod":
+            yield from mod_stream(hoe, self.tokenizer, prompt, lam, decoding)
+        else:
+            yield self._method(method, decoding)([prompt], lam)[0]
 
     @torch.no_grad()
     def gates(
