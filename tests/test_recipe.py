@@ -59,3 +59,12 @@ def test_recipe_errors_name_the_problem(tmp_path):
         load_recipe(bad)
     with pytest.raises(FileNotFoundError):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_shipped_recipe_prompt_splits():
+    from hoe_core.training.recipe import _prompts
+
+    train, val, evals, sweep = _prompts(load_recipe("configs/smollm2-hhh.yaml"))
+    assert (len(train), len(val), len(evals), len(sweep)) == (434, 24, 48, 65)
+    assert set(val) <= set(sweep)  # the merge selection's vertex rows come from the sweep
+    assert not {p for _, p in evals} & {p for _, p in train}

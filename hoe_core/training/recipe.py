@@ -59,6 +59,7 @@ def _prompts(cfg: RecipeConfig) -> tuple[list, list, list, list]:
         pairs("train", src.max_train),
         pairs("val", src.max_val),
         pairs("eval", src.max_eval or src.max_val),
+        pairs("val", cfg.rank_sweep.max_prompts),
     )
 
 
