@@ -24,7 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from hoe_core.config import APP_PRECISION  # noqa: E402
+from hoe_core.config import APP_PRECISION, PRECISIONS  # noqa: E402
 from hoe_core.ui.plots import gate_heatmap, pareto_figure  # noqa: E402
 from hoe_core.ui.session import COMPARE_METHODS, Session  # noqa: E402
 
@@ -349,7 +349,7 @@ def build_demo(session: Session) -> gr.Blocks:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None)
-    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "nf4"])
+    parser.add_argument("--precision", default=None, choices=PRECISIONS)
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     args = parser.parse_args()
     bundle, precision = default_bundle() if args.bundle is None else (args.bundle, APP_PRECISION)

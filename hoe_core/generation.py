@@ -77,6 +77,15 @@ def generate_kwargs(decoding: DecodingConfig, tokenizer) -> dict:
     return kwargs
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the generation config's (one or a list) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 def seed_sampling(decoding: DecodingConfig) -> None:
     if not decoding.greedy:  # greedy decoding needs no RNG
         torch.manual_seed(decoding.seed)

@@ -81,4 +81,4 @@ def test_answer_mask_keeps_the_first_end_of_sequence_and_drops_padding():
 
     answers = torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 4], [2, 2, 2, 2, 2]])
     expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-    assert _answer_mask(answers, eos_id=2).tolist() == expected
+    assert _answer_mask(answers, torch.tensor([2])).tolist() == expected

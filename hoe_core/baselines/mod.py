@@ -28,17 +28,9 @@ from transformers import (
 from hoe_core.baselines.soups import mixture_weights, vertex_experts
 from hoe_core.config import DecodingConfig
 from hoe_core.evaluation.front import Method
-from hoe_core.generation import clean_prompt, encode_chat, seed_sampling
+from hoe_core.generation import clean_prompt, encode_chat, eos_token_ids, seed_sampling
 from hoe_core.routing.model import HoEModel
 from hoe_core.routing.preference import normalize_preference
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def mod_generate(
@@ -86,7 +78,8 @@ def mod_steps(
         warpers.append(TemperatureLogitsWarper(decoding.temperature))
         if decoding.top_p < 1.0:
             warpers.append(TopPLogitsWarper(decoding.top_p))
-    eos = _eos_ids(model, tokenizer)
+    eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
+    one_hot = [mixture_weights(hoe, [experts[i]], np.ones(1), batch) for i, _ in active]  # model i alone
     pad = tokenizer.pad_token_id
     seed_sampling(decoding)
     caches: list = [None] * len(active)
@@ -95,9 +88,8 @@ def mod_steps(
     new_tokens = []
     for _ in range(decoding.max_new_tokens):
         score = None
-        for slot, (i, weight) in enumerate(active):  # one forward per model, own KV cache
-            one_hot = mixture_weights(hoe, [experts[i]], np.ones(1), batch)
-            with hoe.routing(anchor_weights=one_hot):
+        for slot, (_, weight) in enumerate(active):  # one forward per model, own KV cache
+            with hoe.routing(anchor_weights=one_hot[slot]):
                 out = model(
                     input_ids=step_ids,
                     attention_mask=attention,
@@ -116,7 +108,7 @@ def mod_steps(
         token = torch.where(done, torch.full_like(token, pad), token)
         new_tokens.append(token)
         yield torch.stack(new_tokens, 1)
-        done |= torch.isin(token, torch.tensor(sorted(eos), device=device))
+        done |= torch.isin(token, eos)
         ids = torch.cat([ids, token[:, None]], 1)
         attention = torch.cat([attention, attention.new_ones(batch, 1)], 1)
         step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hoe_core.config import DecodingConfig
-from hoe_core.generation import encode_chat, generate_kwargs
+from hoe_core.generation import encode_chat, eos_token_ids, generate_kwargs
 from hoe_core.routing.model import HoEModel
 from hoe_core.training import distributed
 from hoe_core.training.sampling import Scorer
@@ -75,28 +75,24 @@ class TchebycheffOMD:
         return rewards @ (self.w * self.lam)
 
 
-def _answer_mask(answers: torch.Tensor, eos_id: int) -> torch.Tensor:
+def _answer_mask(answers: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
     """(B, T_new) 1 up to and including the first end-of-sequence token, 0 after it."""
-    is_eos = (answers == eos_id).long()
+    is_eos = torch.isin(answers, eos_ids).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def _response_logprobs(model, sequences: torch.Tensor, attention: torch.Tensor, prompt_len: int, eos_id: int):
+def _response_logprobs(
+    model, sequences: torch.Tensor, attention: torch.Tensor, prompt_len: int, eos_ids: torch.Tensor
+):
     """Mean log-probability per sequence of its generated tokens, up to and including the
     first end-of-sequence token (padding after it, often the same id, is left out). -> (B,)"""
     logits = model(input_ids=sequences, attention_mask=attention).logits[
         :, prompt_len - 1 : -1
     ]  # (B, T_new, V)
     targets = sequences[:, prompt_len:]  # (B, T_new)
-    mask = _answer_mask(targets, eos_id).float()
+    mask = _answer_mask(targets, eos_ids).float()
     logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
     return (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-
-
-def _eos_id(model, tokenizer) -> int:
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    return int(eos if eos is not None else tokenizer.eos_token_id)
 
 
 def train_router(
@@ -155,6 +151,7 @@ def train_router(
             f"({procs.num_processes}); ideally a multiple of it"
         )
     device = next(hoe.model.parameters()).device
+    eos_ids = torch.tensor(eos_token_ids(hoe.model, tokenizer), device=device)
     curve, start = [], time.perf_counter()
     name = hoe.routers[router].name
     for step in tqdm(
@@ -182,10 +179,9 @@ def train_router(
         grouped = scalar.reshape(len(idx), cfg.samples_per_prompt)
         s = cfg.samples_per_prompt
         advantage = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (s - 1)).reshape(-1)  # RLOO
-        eos_id = _eos_id(hoe.model, tokenizer)
-        attention = torch.cat([enc["attention_mask"], _answer_mask(seqs[:, plen:], eos_id)], 1)
+        attention = torch.cat([enc["attention_mask"], _answer_mask(seqs[:, plen:], eos_ids)], 1)
         with hoe.routing(anchor_weights=anchor_w.expand(len(batch), -1)):
-            logp = _response_logprobs(hoe.model, seqs, attention, plen, eos_id)
+            logp = _response_logprobs(hoe.model, seqs, attention, plen, eos_ids)
         loss = -(torch.as_tensor(advantage, dtype=logp.dtype) * logp).mean()
         optim.zero_grad()
         loss.backward()
