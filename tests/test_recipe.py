@@ -23,7 +23,11 @@ def test_pico_recipe_builds_a_loadable_bundle_and_resumes(tmp_path):
     assert [r.name for r in m.routers] == ["center"] and len(m.routers[0].experts) == 3
     report = m.recipe["report"]
     assert set(report["merge_selection_hv"]) == {"ta", "pcb"}
-    assert {"base", "concise", "simple"} <= set(report["eval_normalised_rewards"])
+    evaluation, paired = report["eval_normalised_rewards"], report["eval_gain_over_base_paired"]
+    assert {"base", "concise", "simple"} <= set(evaluation) and "base" not in paired
+    for o in ["concise", "simple"]:  # the paired mean gain is the difference of the two means
+        gain = evaluation["concise"][o]["mean"] - evaluation["base"][o]["mean"]
+        assert paired["concise"][o]["mean"] == pytest.approx(gain)
     sweep = report["rank_sweep"]
     assert set(sweep["retained"]) == {"2", "4"} and set(sweep["chosen_ranks"]) == {"concise", "simple"}
     for i, o in enumerate(["concise", "simple"]):
@@ -65,6 +69,6 @@ def test_shipped_recipe_prompt_splits():
     from hoe_core.training.recipe import _prompts
 
     train, val, evals, sweep = _prompts(load_recipe("configs/smollm2-hhh.yaml"))
-    assert (len(train), len(val), len(evals), len(sweep)) == (434, 24, 48, 65)
+    assert (len(train), len(val), len(evals), len(sweep)) == (434, 24, 64, 40)
     assert set(val) <= set(sweep)  # the merge selection's vertex rows come from the sweep
     assert not {p for _, p in evals} & {p for _, p in train}

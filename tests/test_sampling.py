@@ -62,3 +62,14 @@ def test_preference_pairs_take_best_and_worst_per_prompt():
     ]
     pairs = preference_pairs(samples, "h")
     assert pairs == [{"prompt": "qa", "chosen": "y", "rejected": "x", "gap": pytest.approx(0.8)}]
+
+
+def test_preference_pairs_keep_the_largest_gaps_in_prompt_order():
+    samples = [
+        Sample(pid, f"q{pid}", resp, {"h": r})
+        for pid, lo, hi in [("a", 0.0, 0.2), ("b", 0.0, 0.9), ("c", 0.1, 0.4), ("d", 0.0, 0.7)]
+        for resp, r in [("lo", lo), ("hi", hi)]
+    ]
+    pairs = preference_pairs(samples, "h", max_pairs=2)
+    assert [p["prompt"] for p in pairs] == ["qb", "qd"]
+    assert len(preference_pairs(samples, "h", max_pairs=10)) == 4

@@ -32,6 +32,10 @@ class ExpertTrainingConfig:
     grad_accumulation: int = 1
     max_length: int = 128  # prompt + response tokens
     min_gap: float = field(default=0.0, metadata={"help": "skip pairs with a smaller reward gap"})
+    max_pairs: int | None = field(
+        default=None,
+        metadata={"help": "train on the pairs with the largest reward gaps only (None: all pairs)"},
+    )
     seed: int = 0
 
 
@@ -52,13 +56,14 @@ def _dataset(pairs: list[dict]):
 
 
 def train_dpo_expert(
-    model, tokenizer, pairs: list[dict], cfg: ExpertTrainingConfig, out_dir: str | Path
+    model, tokenizer, pairs: list[dict], cfg: ExpertTrainingConfig, out_dir: str | Path, key: str = ""
 ) -> dict:
     """Fine-tune a LoRA on ``pairs`` with DPO and save it as a peft adapter in ``out_dir``.
 
     Args:
         model: the fp32 backbone (frozen; a LoRA is added by trl/peft and removed after).
         pairs: {"prompt", "chosen", "rejected"} dicts (see ``sampling.preference_pairs``).
+        key: a digest of the inputs, stored in ``training.json`` (the recipe's cache check).
     Returns:
         training summary: steps, pairs, final loss, reward accuracy, seconds.
     """
@@ -114,6 +119,7 @@ def train_dpo_expert(
         "reward_accuracy": logs[-1].get("rewards/accuracies") if logs else None,
         "log": logs,
         "config": asdict(cfg),
+        "key": key,
     }
     if main:
         (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -48,18 +48,27 @@ def _prompts(cfg: RecipeConfig) -> tuple[list, list, list, list]:
         raise ValueError(f"prompts.source must be 'assets' or 'inline', got {src.source!r}")
     from hoe_core.data.prompts import load_prompts
 
-    def pairs(split: str, cap: int | None) -> list[tuple[str, str]]:
-        records = load_prompts(split, Path(src.root))
+    def spaced(records: list, cap: int | None) -> list:
         if cap and cap < len(records):  # evenly spaced: the files are grouped by source
             keep = np.linspace(0, len(records) - 1, cap).round().astype(int)
             records = [records[i] for i in keep]
-        return [(r.id, r.prompt) for r in records]
+        return records
 
+    def pairs(split: str, cap: int | None) -> list[tuple[str, str]]:
+        return [(r.id, r.prompt) for r in spaced(load_prompts(split, Path(src.root)), cap)]
+
+    sweep = pairs("val", cfg.rank_sweep.max_prompts)
+    if src.max_val and cfg.rank_sweep.max_prompts and src.max_val > cfg.rank_sweep.max_prompts:
+        raise ValueError(
+            f"prompts.max_val ({src.max_val}) must not exceed rank_sweep.max_prompts "
+            f"({cfg.rank_sweep.max_prompts}): the merge selection reuses the sweep's vertex rows"
+        )
+    # val is drawn from the sweep prompts, so the expert rows evaluated there serve both
     return (
         pairs("train", src.max_train),
-        pairs("val", src.max_val),
+        spaced(sweep, src.max_val),
         pairs("eval", src.max_eval or src.max_val),
-        pairs("val", cfg.rank_sweep.max_prompts),
+        sweep,
     )
 
 
@@ -100,6 +109,11 @@ def _key(*parts) -> str:
     """A short digest of a step's inputs: cache files carry it in their names, so changing
     an input (a rank, the merge params, the prompts, a retrained expert) recomputes the step."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _column(rows: list[dict], objective: str) -> np.ndarray:
+    """(P,) rewards on ``objective``, rows in prompt order (one preference per row set)."""
+    return np.array([r[f"r_{objective}"] for r in sorted(rows, key=lambda r: r["prompt_id"])])
 
 
 def _own_means(rows: list[dict], objectives) -> np.ndarray:
@@ -152,12 +166,13 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     training = {}
     for o in cfg.objectives:
         adapter = work / "dpo" / o
-        if not (adapter / "training.json").is_file():
-            _log(f"DPO expert for {o}")
-            train_dpo_expert(
-                bb.model, tok, preference_pairs(samples, o, cfg.experts.min_gap), cfg.experts, adapter
-            )
-        training[o] = json.loads((adapter / "training.json").read_text())
+        pairs = preference_pairs(samples, o, cfg.experts.min_gap, cfg.experts.max_pairs)
+        key = _key(pairs, asdict(cfg.experts))  # a changed config or sample set retrains
+        done = adapter / "training.json"
+        if not done.is_file() or json.loads(done.read_text()).get("key") != key:
+            _log(f"DPO expert for {o} on {len(pairs)} pairs")
+            train_dpo_expert(bb.model, tok, pairs, cfg.experts, adapter, key=key)
+        training[o] = json.loads(done.read_text())
     taus = {o: dict(load_lora_adapter(work / "dpo" / o)) for o in cfg.objectives}
     from hoe_core.backbone import sha256_file
 
@@ -367,40 +382,39 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     hoe = HoEModel(bb.model, cfg.objectives, experts, routers)
     decoding = DecodingConfig(**{**asdict(cfg.decoding), "temperature": 0.0})
     points = {"base": None, **{o: _vertex(n, i) for i, o in enumerate(cfg.objectives)}}
-    cached_eval = work / f"report_eval-{_key(evals, asdict(cfg.decoding), expert_info, router_info)}.json"
-    evaluation = json.loads(cached_eval.read_text()) if cached_eval.is_file() else {}
+    eval_key = _key(evals, asdict(cfg.decoding), cfg.reward_params, expert_info, router_info)
+    eval_rows = {}
     for label, lam in points.items():
-        if label in evaluation:
-            continue
         if lam is None:  # outside a routing block the model is the bare backbone
-            rows = evaluate_grid(
-                "base",
-                model_method(bb.model, tok, decoding),
-                evals,
-                np.full((1, n), 1 / n),
-                cfg.objectives,
-                rewards,
-                norms,
-                batch_size=cfg.merge.batch_size,
-            )
+            method, grid = model_method(bb.model, tok, decoding), np.full((1, n), 1 / n)
         else:
-            rows = evaluate_grid(
-                label,
-                hoe_method(hoe, tok, decoding),
-                evals,
-                lam[None],
-                cfg.objectives,
-                rewards,
-                norms,
-                batch_size=cfg.merge.batch_size,
-            )
-        evaluation[label] = {
-            o: asdict(mean_ci(np.array([r[f"r_{o}"] for r in rows]))) for o in cfg.objectives
-        }
-        if distributed.is_main():
-            cached_eval.write_text(json.dumps(evaluation, indent=2) + "\n")
+            method, grid = hoe_method(hoe, tok, decoding), lam[None]
+        eval_rows[label] = _cached_rows(
+            work / "eval_rows" / f"{label}-{eval_key}.json",
+            evaluate_grid,
+            label,
+            method,
+            evals,
+            grid,
+            cfg.objectives,
+            rewards,
+            norms,
+            cfg.merge.batch_size,
+        )
+    evaluation = {
+        label: {o: asdict(mean_ci(_column(rows, o))) for o in cfg.objectives}
+        for label, rows in eval_rows.items()
+    }
+    # the same prompts for every model: expert - base per prompt is the sharper comparison
+    paired = {
+        label: {o: asdict(mean_ci(_column(rows, o) - _column(eval_rows["base"], o))) for o in cfg.objectives}
+        for label, rows in eval_rows.items()
+        if label != "base"
+    }
     hoe.detach()
     report["eval_normalised_rewards"] = evaluation
+    report["eval_gain_over_base_paired"] = paired
+    report["eval_prompts"] = len(evals)
     lap("report", t0)
     report["timings_s"] = timings
     report["total_s"] = round(time.perf_counter() - start, 1)

@@ -180,11 +180,14 @@ def sample_and_score(
     return score_responses(records, rewards, Path(cache_dir) / "scores")
 
 
-def preference_pairs(samples: Sequence[Sample], objective: str, min_gap: float = 0.0) -> list[dict]:
+def preference_pairs(
+    samples: Sequence[Sample], objective: str, min_gap: float = 0.0, max_pairs: int | None = None
+) -> list[dict]:
     """Best-vs-worst pair per prompt on one objective (DPO data).
 
     Returns dicts {"prompt", "chosen", "rejected", "gap"} for prompts whose best and worst
-    raw rewards differ by more than ``min_gap``.
+    raw rewards differ by more than ``min_gap``; with ``max_pairs``, only the pairs with the
+    largest gaps (the clearest preferences; a short DPO run sees each of them), in prompt order.
     """
     by_prompt: dict[str, list[Sample]] = {}
     for s in samples:
@@ -198,4 +201,7 @@ def preference_pairs(samples: Sequence[Sample], objective: str, min_gap: float =
             pairs.append(
                 {"prompt": best.prompt, "chosen": best.response, "rejected": worst.response, "gap": gap}
             )
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = sorted(sorted(range(len(pairs)), key=lambda i: -pairs[i]["gap"])[:max_pairs])
+        pairs = [pairs[i] for i in keep]
     return pairs
