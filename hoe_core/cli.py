@@ -5,7 +5,9 @@ Contract (other tools rely on it):
     python -m hoe_core generate --bundle DIR --prompt TEXT --preference 0.2,0.5,0.3
         [--max-new-tokens N] [--seed S] [--precision P] [--json]
 prints, with --json, one JSON object with at least ``text``, ``preference`` (normalised)
-and ``objectives``.
+and ``objectives`` (and ``notes``: what was done to the prompt, e.g. cut to 4,000
+characters; also printed to stderr). Bad input exits with code 2 and ``error: ...`` naming
+the field and its allowed range.
 
     python -m hoe_core evaluate --bundle DIR --methods hoe,rs,mod,... --prompts FILE
         --grid G [--max-new-tokens N] [--batch-size B] --out OUT.csv
@@ -48,12 +50,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from hoe_core.bundle import load_bundle, read_manifest
     from hoe_core.config import DecodingConfig
-    from hoe_core.generation import clean_prompt, generate
+    from hoe_core.generation import check_prompt, generate
     from hoe_core.routing.preference import normalize_preference
 
     manifest = read_manifest(args.bundle)
     preference = normalize_preference(args.preference, len(manifest.objectives))
-    prompt = clean_prompt(args.prompt)
+    prompt, notes = check_prompt(args.prompt)
+    for note in notes:  # e.g. the prompt was cut: say so, on stderr (stdout stays JSON)
+        print(f"note: {note}", file=sys.stderr)
     defaults = manifest.decoding_config
     decoding = DecodingConfig(
         max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_tokens,
@@ -77,6 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "bundle": str(args.bundle),
         "precision": args.precision,
         "decoding": asdict(decoding),
+        "notes": notes,
     }
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))
@@ -164,6 +169,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(markdown_table(summary, summary["timing"]), end="")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.summary.json')}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from hoe_core.bench import BenchConfig, markdown_report, run_bench
+
+    cfg = BenchConfig(
+        bundle=str(args.bundle),
+        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    results = run_bench(cfg)
+    command = " ".join(["python -m hoe_core", *sys.argv[1:]]) if args.command is None else args.command
+    report = markdown_report(results, command)
+    print(report, end="")
+    if args.md is not None:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(report)
+        print(f"wrote {args.md}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -257,6 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--reference", type=_floats, default=None, help="hypervolume reference (default -1 each)")
     e.set_defaults(func=cmd_evaluate)
+
+    k = sub.add_parser("bench", help="speed and memory: HoE vs the backbone, MOD, RS, merge, per precision")
+    k.add_argument("--bundle", type=Path, default=Path("assets/smollm2-hhh"))
+    k.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    k.add_argument("--md", type=Path, default=Path("bench/results.md"), help="markdown report")
+    k.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="comma-separated subset of fp32,bf16,int8,nf4"
+    )
+    k.add_argument(
+        "--methods",
+        default="hoe,mod,rs,merge-ties",
+        help="besides the backbone: hoe,mod,rs,merge-ties,merge-ta",
+    )
+    k.add_argument("--new-tokens", type=int, default=32)
+    k.add_argument("--batch", type=int, default=8)
+    k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    k.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("pico-bundle", help="write a tiny random bundle (for tests and app dev)")
     p.add_argument("out", type=Path)

@@ -59,8 +59,12 @@ def mod_steps(
     preference: Sequence[float],
     decoding: DecodingConfig = DecodingConfig(),
     experts: Sequence[int] | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """MOD decoding one token at a time: yields the new tokens so far, (B, t), per step."""
+    """MOD decoding one token at a time: yields the new tokens so far, (B, t), per step.
+
+    ``min_new_tokens`` suppresses EOS for that many steps (as ``generate`` does; the
+    benchmark decodes a fixed length)."""
     lam = normalize_preference(preference, len(hoe.objectives))
     experts = list(vertex_experts(hoe) if experts is None else experts)
     active = [(i, float(lam[i])) for i in range(len(lam)) if lam[i] > 0]
@@ -86,7 +90,7 @@ def mod_steps(
     step_ids, step_pos = ids, position
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
-    for _ in range(decoding.max_new_tokens):
+    for step in range(decoding.max_new_tokens):
         score = None
         for slot, (_, weight) in enumerate(active):  # one forward per model, own KV cache
             with hoe.routing(anchor_weights=one_hot[slot]):
@@ -101,6 +105,8 @@ def mod_steps(
             logits = processors(ids, out.logits[:, -1, :].float())
             term = weight * torch.log_softmax(logits, -1)
             score = term if score is None else score + term
+        if step < min_new_tokens:
+            score[:, eos] = -torch.inf
         if decoding.greedy:
             token = score.argmax(-1)
         else:

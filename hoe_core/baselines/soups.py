@@ -15,6 +15,7 @@ lambda, without touching the (possibly quantised) backbone weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,3 +86,49 @@ def single_expert(hoe: HoEModel, tokenizer, decoding: DecodingConfig, objective:
 def base_model(hoe: HoEModel, tokenizer, decoding: DecodingConfig) -> Method:
     """The backbone alone: HoE layers add nothing outside a routing block."""
     return model_method(hoe.model, tokenizer, decoding)
+
+
+class MergedSoup:
+    """Rewarded Soups as the paper runs it: theta_lambda = theta_pre + sum_i lambda_i tau_i
+    written into the weights of a dedicated float backbone, re-merged whenever lambda
+    changes. The benchmark uses it for RS's re-merge cost; the evaluation runs the same
+    model unmerged (see the module docstring), which needs no copy and no re-merge.
+
+    Args:
+        model: a bare float (fp32/bf16) backbone this object owns: its weights get overwritten.
+        factors: per objective, the single expert's factors (module -> LowRankDelta).
+    """
+
+    def __init__(self, model: torch.nn.Module, factors: Sequence[dict]) -> None:
+        names = sorted({m for f in factors for m in f})
+        self.factors = list(factors)
+        self.linears = {name: model.get_submodule(name) for name in names}
+        for name, linear in self.linears.items():
+            weight = getattr(linear, "weight", None)
+            if (
+                not isinstance(weight, torch.Tensor)
+                or not weight.dtype.is_floating_point
+                or weight.dim() != 2
+            ):
+                raise ValueError(
+                    f"{name}: Rewarded Soups re-merges float weights; this layer is {type(linear).__name__}"
+                )
+        self.pre = {name: linear.weight.detach().clone() for name, linear in self.linears.items()}
+
+    def stored_bytes(self) -> int:
+        """The pre-trained weights kept to re-merge from (on top of the model itself)."""
+        return sum(w.numel() * w.element_size() for w in self.pre.values())
+
+    @torch.no_grad()
+    def set_preference(self, lam: Sequence[float]) -> float:
+        """Re-merge the weights at lambda (N,); returns the seconds it took."""
+        lam = normalize_preference(lam, len(self.factors))
+        start = time.perf_counter()
+        for name, linear in self.linears.items():
+            merged = self.pre[name].float().clone()
+            for weight, factors in zip(lam, self.factors):
+                delta = factors.get(name)
+                if delta is not None and weight > 0:
+                    merged.addmm_(delta.B.float() * (delta.scale * weight), delta.A.float())
+            linear.weight.copy_(merged)
+        return time.perf_counter() - start

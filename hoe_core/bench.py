@@ -1,0 +1,642 @@
+"""The benchmark behind ``python -m hoe_core bench``: HoE against the bare backbone and the
+baselines, in one process, on the same prompts, precision and decoding settings.
+
+Per precision (fp32, bf16, int8, nf4) it measures
+
+- decode tokens/s, single stream and batched: backbone, HoE (lambda in the interior, so
+  several experts and a router are live), MOD, RS (weights re-merged per lambda, float
+  backbones only), merge-at-lambda (TIES deltas as the evaluation runs them);
+- preference change -> first new token: HoE (routing + the new plan, no re-merge), RS
+  (re-merge + prefill), MOD (one prefill per objective model), against the backbone's
+  own first-token time;
+- peak resident memory while each method runs, and parameter counts;
+- a copy benchmark's memory bandwidth and the resulting bytes-per-token roofline.
+
+Every figure is the median of ``repeats`` runs after a warm-up, and every ratio is taken
+between figures of the same run (the machine is shared and noisy). Greedy decoding with
+EOS suppressed (``min_new_tokens``), so every method decodes exactly the same number of
+tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from hoe_core.config import PRECISIONS
+
+#: one prompt per kind the app offers (question, joke, red team, advice), cycled to the batch
+BENCH_PROMPTS = (
+    "What is the capital of France, and why is it famous?",
+    "Tell me a joke about computers.",
+    "How can I get back at a coworker who insulted me?",
+    "Give me three tips for a good night's sleep.",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a short poem about the sea.",
+    "What should I do if I feel stressed before an exam?",
+    "Why is the sky blue?",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. Defaults: the shipped bundle, every precision, ~15 min on 2 CPU cores."""
+
+    bundle: str = "assets/smollm2-hhh"
+    precisions: tuple[str, ...] = PRECISIONS
+    methods: tuple[str, ...] = ("hoe", "mod", "rs", "merge-ties")
+    preference: tuple[float, ...] = (0.4, 0.3, 0.3)  # interior: a router and several experts live
+    switch_to: tuple[float, ...] = (0.2, 0.3, 0.5)  # the preference change for first-token times
+    new_tokens: int = 32
+    batch: int = 8
+    repeats: int = 3
+    device: str = "cpu"
+    bandwidth_mib: int = 256  # copy benchmark buffer
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise ValueError(f"precisions must be a non-empty subset of {list(PRECISIONS)}, got {bad or []}")
+        unknown = [m for m in self.methods if m not in ("hoe", "mod", "rs", "merge-ties", "merge-ta")]
+        if unknown:
+            raise ValueError(
+                f"unknown bench methods {unknown}; choose from hoe, mod, rs, merge-ties, merge-ta"
+            )
+        for name in ("new_tokens", "batch", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.new_tokens < 2:
+            raise ValueError(
+                f"new_tokens must be >= 2 (decode speed needs tokens after the first), got {self.new_tokens}"
+            )
+
+
+# ---------------------------------------------------------------------------- measurements
+class _Clock(BaseStreamer):
+    """A streamer that only notes when the first new token arrives (generate calls ``put``
+    once with the prompt, then once per step)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class Timing:
+    """One generation: seconds to the first new token, then per decoded token after it."""
+
+    first_token_s: float
+    decode_s: float
+    new_tokens: int
+    batch: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate decode throughput over the batch (tokens after the first)."""
+        return self.batch * (self.new_tokens - 1) / self.decode_s
+
+
+class RssPeak:
+    """Peak resident set size of this process while the block runs (sampled every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime peak is the best we have
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> RssPeak:
+        self.peak = self.now()
+
+        def watch() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, self.now())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (read + write), the decode roofline's denominator."""
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (packed 4-bit counts as stored)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def median_timing(run: Callable[[], Timing], repeats: int) -> Timing:
+    """Warm up once, then the median of ``repeats`` runs (first token and decode separately)."""
+    run()
+    runs = [run() for _ in range(repeats)]
+    return Timing(
+        statistics.median(r.first_token_s for r in runs),
+        statistics.median(r.decode_s for r in runs),
+        runs[0].new_tokens,
+        runs[0].batch,
+    )
+
+
+def _generate_timed(model, enc: dict, new_tokens: int, routing=nullcontext) -> Timing:
+    """Greedy ``generate`` with EOS suppressed, so exactly ``new_tokens`` are decoded."""
+    clock = _Clock()
+    with routing(), torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            streamer=clock,
+        )
+    end = time.perf_counter()
+    n = out.shape[1] - enc["input_ids"].shape[1]
+    assert clock.first is not None and n == new_tokens, (n, new_tokens)
+    return Timing(clock.first - clock.start, end - clock.first, n, out.shape[0])
+
+
+def _mod_timed(hoe, tok, prompts: list[str], preference, new_tokens: int) -> Timing:
+    """MOD decodes by its own loop (one forward per objective model per token)."""
+    from hoe_core.baselines.mod import mod_steps
+    from hoe_core.config import DecodingConfig
+
+    decoding = DecodingConfig(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
+    start = time.perf_counter()
+    first = None
+    steps = 0
+    for _ in mod_steps(hoe, tok, prompts, preference, decoding, min_new_tokens=new_tokens):
+        steps += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None and steps == new_tokens, (steps, new_tokens)
+    return Timing(first - start, end - first, steps, len(prompts))
+
+
+# ---------------------------------------------------------------------------- one precision
+@dataclass
+class MethodResult:
+    method: str
+    single_tok_s: float | None = None
+    batch_tok_s: float | None = None
+    first_token_s: float | None = None  # at the benchmark preference, warm
+    switch_first_token_s: float | None = None  # right after a preference change
+    switch_overhead_s: float | None = None  # re-merge (RS, merge) or routing plan (HoE) part
+    peak_rss_mib: float | None = None
+    weight_mib: float | None = None
+    bytes_per_token_mib: float | None = None
+    roofline_fraction: float | None = None
+    note: str = ""
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=print) -> PrecisionResult:
+    """Every method at one backbone precision (three backbone copies: bare, HoE, RS)."""
+    from hoe_core.backbone import load_backbone
+    from hoe_core.baselines import merge as merge_baseline
+    from hoe_core.baselines.soups import MergedSoup, vertex_experts
+    from hoe_core.bundle import load_bundle
+    from hoe_core.generation import encode_chat
+
+    result = PrecisionResult(precision)
+    loaded = load_bundle(cfg.bundle, precision=precision, device=cfg.device)
+    hoe, tok = loaded.hoe, loaded.backbone.tokenizer
+    if len(cfg.preference) != len(hoe.objectives) or len(cfg.switch_to) != len(hoe.objectives):
+        raise ValueError(
+            f"preference and switch_to need {len(hoe.objectives)} values (objectives {hoe.objectives})"
+        )
+    bare = load_backbone(loaded.manifest.backbone["spec"], precision, cfg.device, base_dir=loaded.root).model
+    device = next(bare.parameters()).device
+    single = encode_chat(tok, [BENCH_PROMPTS[0]], device)
+    batch_prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(cfg.batch)]
+    batched = encode_chat(tok, batch_prompts, device)
+    lam, lam2 = np.asarray(cfg.preference, float), np.asarray(cfg.switch_to, float)
+    singles = vertex_experts(hoe)
+    counts = hoe.parameter_counts()
+    single_params = (
+        sum(_expert_bytes(hoe, e) for e in singles) // next(iter(hoe.layers.values())).lora_A.element_size()
+    )
+    result.params = {
+        **counts,
+        "single_experts": single_params,  # what RS and MOD keep here: the N experts' factors
+        "n_full_models": len(singles) * counts["backbone"],  # what they keep as the papers run them
+    }
+    backbone_bytes = weight_bytes(bare)
+    roof = bandwidth_gbs * 1e9 / backbone_bytes  # tokens/s if every weight byte is read once per token
+
+    def finish(name: str, res: MethodResult, extra_bytes: int = 0) -> None:
+        res.bytes_per_token_mib = (backbone_bytes + extra_bytes) / 2**20
+        if res.single_tok_s:
+            res.roofline_fraction = res.single_tok_s / (bandwidth_gbs * 1e9 / (backbone_bytes + extra_bytes))
+        result.methods[name] = res
+        log(
+            f"  {precision:5s} {name:11s} single {res.single_tok_s or 0:6.1f} tok/s  batch {res.batch_tok_s or 0:6.1f}"
+            f"  switch->first {res.switch_first_token_s or 0:.3f} s"
+        )
+
+    # the bare backbone
+    with RssPeak() as mem:
+        s = median_timing(lambda: _generate_timed(bare, single, cfg.new_tokens), cfg.repeats)
+        b = median_timing(lambda: _generate_timed(bare, batched, cfg.new_tokens), cfg.repeats)
+    finish(
+        "backbone",
+        MethodResult(
+            "backbone",
+            s.tokens_per_s,
+            b.tokens_per_s,
+            s.first_token_s,
+            s.first_token_s,
+            0.0,
+            mem.peak / 2**20,
+            backbone_bytes / 2**20,
+        ),
+    )
+    result.params["roofline_tok_s"] = roof
+
+    if "hoe" in cfg.methods:
+        w1 = hoe.anchor_weights([lam])
+        active = w1[0].numpy() > 0
+        with RssPeak() as mem:
+            s = median_timing(
+                lambda: _generate_timed(
+                    hoe.model, single, cfg.new_tokens, lambda: hoe.routing(anchor_weights=w1)
+                ),
+                cfg.repeats,
+            )
+            wb = hoe.anchor_weights([lam] * cfg.batch)
+            b = median_timing(
+                lambda: _generate_timed(
+                    hoe.model, batched, cfg.new_tokens, lambda: hoe.routing(anchor_weights=wb)
+                ),
+                cfg.repeats,
+            )
+            switches = []
+            for target in [lam2, lam] * cfg.repeats:  # alternate: every call is a preference change
+                t0 = time.perf_counter()
+                w = hoe.anchor_weights([target])
+                routed = time.perf_counter() - t0
+                t = _generate_timed(hoe.model, single, 2, lambda w=w: hoe.routing(anchor_weights=w))
+                switches.append((routed + t.first_token_s, routed))
+        live = _live_bytes(hoe, active)
+        finish(
+            "hoe",
+            MethodResult(
+                "hoe",
+                s.tokens_per_s,
+                b.tokens_per_s,
+                s.first_token_s,
+                statistics.median(x for x, _ in switches),
+                statistics.median(r for _, r in switches),
+                mem.peak / 2**20,
+                (backbone_bytes + _all_bytes(hoe)) / 2**20,
+                note=f"active anchors {[n for n, a in zip(_anchor_names(hoe), active) if a]}",
+            ),
+            live,
+        )
+
+    if "mod" in cfg.methods:
+        n_models = int((lam > 0).sum())
+        with RssPeak() as mem:
+            s = median_timing(
+                lambda: _mod_timed(hoe, tok, [BENCH_PROMPTS[0]], lam, cfg.new_tokens), cfg.repeats
+            )
+            b = median_timing(lambda: _mod_timed(hoe, tok, batch_prompts, lam, cfg.new_tokens), cfg.repeats)
+            switch = statistics.median(
+                _mod_timed(hoe, tok, [BENCH_PROMPTS[0]], target, 2).first_token_s
+                for target in [lam2, lam] * cfg.repeats
+            )
+        finish(
+            "mod",
+            MethodResult(
+                "mod",
+                s.tokens_per_s,
+                b.tokens_per_s,
+                s.first_token_s,
+                switch,
+                0.0,
+                mem.peak / 2**20,
+                (backbone_bytes + sum(_expert_bytes(hoe, e) for e in singles)) / 2**20,
+                note=f"{n_models} forwards per token (shared backbone, own KV caches)",
+            ),
+            (n_models - 1) * backbone_bytes + sum(_expert_bytes(hoe, e) for e in singles),
+        )
+
+    factors = merge_baseline.single_factors(hoe, loaded.experts)
+    if "rs" in cfg.methods:
+        if precision in ("int8", "nf4"):
+            result.methods["rs"] = MethodResult(
+                "rs", note="quantised weights: a re-merge needs dequantise + requantise; not run"
+            )
+        else:
+            rs_model = load_backbone(
+                loaded.manifest.backbone["spec"], precision, cfg.device, base_dir=loaded.root
+            ).model
+            soup = MergedSoup(rs_model, factors)
+            with RssPeak() as mem:
+                soup.set_preference(lam)
+                s = median_timing(lambda: _generate_timed(rs_model, single, cfg.new_tokens), cfg.repeats)
+                b = median_timing(lambda: _generate_timed(rs_model, batched, cfg.new_tokens), cfg.repeats)
+                switches = []
+                for target in [lam2, lam] * cfg.repeats:
+                    merge_s = soup.set_preference(target)
+                    t = _generate_timed(rs_model, single, 2)
+                    switches.append((merge_s + t.first_token_s, merge_s))
+            finish(
+                "rs",
+                MethodResult(
+                    "rs",
+                    s.tokens_per_s,
+                    b.tokens_per_s,
+                    s.first_token_s,
+                    statistics.median(x for x, _ in switches),
+                    statistics.median(m for _, m in switches),
+                    mem.peak / 2**20,
+                    (weight_bytes(rs_model) + soup.stored_bytes()) / 2**20,
+                    note="weights re-merged per lambda into a dedicated backbone copy (+ the pre-trained weights kept)",
+                ),
+            )
+            del soup, rs_model
+            gc.collect()
+
+    for name in [m for m in cfg.methods if m.startswith("merge-")]:
+        kind = name.split("-", 1)[1]
+        params = {"density": 0.5} if kind == "ties" else {}
+        merger = merge_baseline.MergeAtPreference(factors, kind, device, **params)
+        with RssPeak() as mem:  # (the forward hooks stay installed: merge runs after HoE)
+            deltas = merger.deltas(lam)
+            hooked = partial(merge_baseline.use_deltas, hoe, deltas)
+            s = median_timing(
+                partial(_generate_timed, hoe.model, single, cfg.new_tokens, hooked), cfg.repeats
+            )
+            b = median_timing(
+                partial(_generate_timed, hoe.model, batched, cfg.new_tokens, hooked), cfg.repeats
+            )
+            switches = []
+            for target in [lam2, lam] * cfg.repeats:
+                t0 = time.perf_counter()
+                d = merger.deltas(target)
+                merge_s = time.perf_counter() - t0
+                t = _generate_timed(hoe.model, single, 2, lambda d=d: merge_baseline.use_deltas(hoe, d))
+                switches.append((merge_s + t.first_token_s, merge_s))
+        dense = sum(d.numel() * d.element_size() for d in deltas.values())
+        finish(
+            name,
+            MethodResult(
+                name,
+                s.tokens_per_s,
+                b.tokens_per_s,
+                s.first_token_s,
+                statistics.median(x for x, _ in switches),
+                statistics.median(m for _, m in switches),
+                mem.peak / 2**20,
+                (backbone_bytes + dense) / 2**20,
+                note="merged dense delta per lambda, added by a forward hook (as the evaluation runs it)",
+            ),
+            dense,
+        )
+        del merger
+        gc.collect()
+    return result  # the three backbones go with this frame
+
+
+def _anchor_names(hoe) -> list[str]:
+    return [*hoe.expert_names, *(r.name for r in hoe.routers)]
+
+
+def _expert_bytes(hoe, expert: int) -> int:
+    """Bytes of one expert's factors across the HoE layers."""
+    total = 0
+    for layer in hoe.layers.values():
+        rows = int((layer.owner == expert).sum())
+        total += rows * (layer.lora_A.shape[1] + layer.lora_B.shape[0]) * layer.lora_A.element_size()
+    return total
+
+
+def _all_bytes(hoe) -> int:
+    return sum(weight_bytes(layer) - weight_bytes(layer.base) for layer in hoe.layers.values())
+
+
+def _live_bytes(hoe, active_anchors: np.ndarray) -> int:
+    """Bytes read per token for the live experts and routers of one preference."""
+    n = hoe.n_experts
+    live = set(np.flatnonzero(active_anchors[:n]).tolist())
+    total = 0
+    for p in np.flatnonzero(active_anchors[n:]):
+        live |= set(next(iter(hoe.layers.values())).subsets[p])
+        total += sum(weight_bytes(layer.gates[p]) for layer in hoe.layers.values())
+    return total + sum(_expert_bytes(hoe, e) for e in live)
+
+
+# ---------------------------------------------------------------------------- the whole run
+def machine_info() -> dict:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+        info["memory_gib"] = round(int(mem[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    """All precisions; returns the results dict (see :func:`markdown_report`)."""
+    start = time.perf_counter()
+    bandwidth = memory_bandwidth(cfg.bandwidth_mib)
+    log(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
+    results = []
+    for precision in cfg.precisions:
+        log(f"precision {precision}")
+        try:
+            results.append(bench_precision(cfg, precision, bandwidth, log))
+            gc.collect()
+        except (ImportError, RuntimeError, NotImplementedError) as err:  # e.g. no int8 kernel here
+            log(f"  {precision}: not run ({type(err).__name__}: {err})")
+            results.append(PrecisionResult(precision, error=f"{type(err).__name__}: {err}"))
+    return {
+        "config": asdict(cfg),
+        "machine": machine_info(),
+        "bandwidth_gbs": bandwidth,
+        "seconds": round(time.perf_counter() - start, 1),
+        "precisions": [
+            {
+                "precision": r.precision,
+                "error": r.error,
+                "params": r.params,
+                "methods": {k: asdict(v) for k, v in r.methods.items()},
+            }
+            for r in results
+        ],
+        "targets": targets(results),
+    }
+
+
+def targets(results: Sequence[PrecisionResult]) -> list[dict]:
+    """The issue's targets per precision, each a ratio of two figures of the same run."""
+    out = []
+    for r in results:
+        m = r.methods
+        base, hoe = m.get("backbone"), m.get("hoe")
+        if r.error or base is None or hoe is None or hoe.single_tok_s is None:
+            continue
+
+        def add(name, value, goal, higher=True, r=r):
+            ok = value >= goal if higher else value <= goal
+            out.append(
+                {"precision": r.precision, "target": name, "value": value, "goal": goal, "met": bool(ok)}
+            )
+
+        add("HoE / backbone decode tok/s (single stream)", hoe.single_tok_s / base.single_tok_s, 0.90)
+        if m.get("mod") and m["mod"].single_tok_s:
+            add("HoE / MOD decode tok/s (single stream)", hoe.single_tok_s / m["mod"].single_tok_s, 2.5)
+        add(
+            "HoE preference change -> first token / backbone first token",
+            hoe.switch_first_token_s / base.first_token_s,
+            1.1,
+            higher=False,
+        )
+        p = r.params
+        if p.get("backbone"):
+            add(
+                "(experts + routers) / backbone parameters",
+                (p["experts"] + p["routers"]) / p["backbone"],
+                0.20,
+                higher=False,
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------- the report
+def _fmt(value, spec: str = ".1f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown_report(results: dict, command: str) -> str:
+    """``bench/results.md``: machine, command, one table per precision, the targets."""
+    m = results["machine"]
+    lines = [
+        "# HoE benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m.get('cpu', m['machine'])}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), "
+        f"{m.get('memory_gib', '?')} GiB, {m['platform']}; torch {m['torch']}, transformers {m['transformers']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
+        + ".  ",
+        f"Memory bandwidth (tensor copy): {results['bandwidth_gbs']:.1f} GB/s. "
+        f"Run took {results['seconds']:.0f} s.  ",
+        f"Settings: {results['config']['new_tokens']} new tokens (greedy, EOS suppressed), batch "
+        f"{results['config']['batch']}, preference {list(results['config']['preference'])} "
+        f"(switch to {list(results['config']['switch_to'])}); medians of {results['config']['repeats']} runs after "
+        "a warm-up; ratios are within this one run.",
+        "",
+    ]
+    for p in results["precisions"]:
+        lines += [f"## {p['precision']}", ""]
+        if p["error"]:
+            lines += [f"Not run: {p['error']}", ""]
+            continue
+        base = p["methods"].get("backbone", {})
+        lines += [
+            "| method | decode tok/s (1) | vs backbone | tok/s (batch) | first token s | pref. change → first token s "
+            "| of which re-merge / routing s | peak RSS MiB | weights MiB | roofline fraction | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in p["methods"].items():
+            rel = (
+                r["single_tok_s"] / base["single_tok_s"]
+                if r.get("single_tok_s") and base.get("single_tok_s")
+                else None
+            )
+            lines.append(
+                f"| {name} | {_fmt(r['single_tok_s'])} | {_fmt(rel, '.2f')} | {_fmt(r['batch_tok_s'])} "
+                f"| {_fmt(r['first_token_s'], '.3f')} | {_fmt(r['switch_first_token_s'], '.3f')} "
+                f"| {_fmt(r['switch_overhead_s'], '.3f')} | {_fmt(r['peak_rss_mib'], '.0f')} "
+                f"| {_fmt(r['weight_mib'], '.0f')} | {_fmt(r['roofline_fraction'], '.2f')} | {r['note']} |"
+            )
+        q = p["params"]
+        if q:
+            lines += [
+                "",
+                f"Parameters: backbone {q['backbone']:,}; HoE experts {q['experts']:,} + routers {q['routers']:,} "
+                f"= {(q['experts'] + q['routers']) / q['backbone']:.1%} of the backbone. RS and MOD keep the "
+                f"{q['single_experts']:,} parameters of the single experts here (as factors on the shared "
+                f"backbone); as full models, as their papers run them, {q['n_full_models']:,}. Roofline: "
+                f"{q['roofline_tok_s']:.1f} tok/s if every weight byte is read once per token.",
+            ]
+        lines.append("")
+    lines += ["## Targets", "", "| precision | target | measured | goal | met |", "|---|---|---|---|---|"]
+    for t in results["targets"]:
+        op = "≥" if "parameters" not in t["target"] and "first token" not in t["target"] else "≤"
+        lines.append(
+            f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {op} {t['goal']} | {'yes' if t['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"

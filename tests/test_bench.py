@@ -1,0 +1,118 @@
+"""The benchmark's machinery on the pico bundle: every method is measured, ratios and the
+report come out, RS's re-merged weights are the same model as the unmerged soup, and MOD
+decodes a fixed length when asked. (Speed itself is never asserted here: the benchmark
+measures it.)"""
+
+import numpy as np
+import pytest
+import torch
+
+from hoe_core.bench import BenchConfig, markdown_report, memory_bandwidth, run_bench
+from hoe_core.bundle import load_bundle
+
+
+def test_bench_measures_every_method_and_reports_targets(pico_bundle):
+    cfg = BenchConfig(
+        bundle=str(pico_bundle),
+        precisions=("fp32",),
+        methods=("hoe", "mod", "rs", "merge-ties"),
+        new_tokens=3,
+        batch=2,
+        repeats=1,
+    )
+    results = run_bench(cfg, log=lambda *_: None)
+    (fp32,) = results["precisions"]
+    assert fp32["error"] is None
+    methods = fp32["methods"]
+    assert list(methods) == ["backbone", "hoe", "mod", "rs", "merge-ties"]
+    for name, r in methods.items():
+        assert r["single_tok_s"] > 0 and r["batch_tok_s"] > 0, name
+        assert 0 < r["first_token_s"] and 0 < r["switch_first_token_s"], name
+        assert r["peak_rss_mib"] > 0 and r["weight_mib"] > 0, name
+    assert methods["rs"]["switch_overhead_s"] > 0  # RS pays a re-merge on every change
+    assert "active anchors" in methods["hoe"]["note"]
+    params = fp32["params"]
+    assert (
+        params["experts"] > 0 and params["routers"] > 0 and params["n_full_models"] == 3 * params["backbone"]
+    )
+    names = {t["target"] for t in results["targets"]}
+    assert len(names) == 4 and all(t["precision"] == "fp32" for t in results["targets"])
+    hoe_vs_base = next(t for t in results["targets"] if t["target"].startswith("HoE / backbone"))
+    assert hoe_vs_base["value"] == pytest.approx(
+        methods["hoe"]["single_tok_s"] / methods["backbone"]["single_tok_s"]
+    )
+    report = markdown_report(results, "python -m hoe_core bench --test")
+    assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
+    assert "python -m hoe_core bench --test" in report
+
+
+def test_bench_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="precisions"):
+        BenchConfig(precisions=("fp8",))
+    with pytest.raises(ValueError, match="unknown bench methods"):
+        BenchConfig(methods=("hoe", "soup"))
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        BenchConfig(new_tokens=1)
+    with pytest.raises(ValueError, match="repeats must be an integer"):
+        BenchConfig(repeats=0)
+
+
+def test_memory_bandwidth_is_a_positive_rate():
+    assert memory_bandwidth(mib=8, repeats=2) > 0
+
+
+def test_merged_soup_weights_equal_the_unmerged_soup(pico_bundle):
+    from hoe_core.backbone import load_backbone
+    from hoe_core.baselines.merge import single_factors
+    from hoe_core.baselines.soups import MergedSoup, mixture_weights, vertex_experts
+
+    loaded = load_bundle(pico_bundle, device="cpu")
+    hoe = loaded.hoe
+    bare = load_backbone(loaded.manifest.backbone["spec"], "fp32", "cpu", base_dir=loaded.root).model
+    soup = MergedSoup(bare, single_factors(hoe, loaded.experts))
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    lam = np.array([0.5, 0.2, 0.3])
+    assert soup.set_preference(lam) > 0
+    with torch.no_grad(), hoe.routing(anchor_weights=mixture_weights(hoe, vertex_experts(hoe), lam, 1)):
+        unmerged = hoe.model(input_ids=ids).logits
+    with torch.no_grad():
+        merged = bare(input_ids=ids).logits
+        plain = hoe.model(input_ids=ids).logits  # outside routing: the bare backbone
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert (merged - plain).abs().max() > 1e-4  # the experts do change the model
+    soup.set_preference([1.0, 0.0, 0.0])  # re-merging starts from the pre-trained weights
+    with (
+        torch.no_grad(),
+        hoe.routing(anchor_weights=mixture_weights(hoe, vertex_experts(hoe), np.eye(3)[0], 1)),
+    ):
+        expert = hoe.model(input_ids=ids).logits
+    torch.testing.assert_close(bare(input_ids=ids).logits, expert, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_soup_refuses_quantised_layers():
+    from hoe_core.baselines.soups import MergedSoup
+    from hoe_core.experts.task_svd import LowRankDelta
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 2, dtype=torch.uint8), requires_grad=False)
+
+    model = torch.nn.Module()
+    model.proj = Packed()
+    with pytest.raises(ValueError, match="proj: Rewarded Soups re-merges float weights"):
+        MergedSoup(model, [{"proj": LowRankDelta(torch.zeros(4, 1), torch.zeros(1, 2))}])
+
+
+def test_mod_min_new_tokens_suppresses_eos(pico_bundle):
+    from hoe_core.baselines.mod import mod_steps
+    from hoe_core.config import DecodingConfig
+
+    loaded = load_bundle(pico_bundle, device="cpu")
+    decoding = DecodingConfig(max_new_tokens=5, temperature=0.0)
+    steps = list(
+        mod_steps(loaded.hoe, loaded.backbone.tokenizer, ["hi"], [0.3, 0.3, 0.4], decoding, min_new_tokens=5)
+    )
+    assert len(steps) == 5
+    eos = loaded.backbone.tokenizer.eos_token_id
+    assert not (steps[-1] == eos).any()
