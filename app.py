@@ -2,6 +2,7 @@
 beside the Pareto fronts of HoE and its baselines.
 
     python app.py [--bundle DIR] [--precision nf4|int8|bf16|fp32] [--port 7860]
+                  [--host 127.0.0.1] [--concurrency 2] [--max-queue 32]
 
 Without --bundle it uses ``$HOE_BUNDLE``, else ``assets/smollm2-hhh`` when shipped, else
 a pico bundle (tiny random model) built into ``build-cache/pico``. Fronts come from
@@ -9,14 +10,24 @@ a pico bundle (tiny random model) built into ``build-cache/pico``. Fronts come f
 
 Event functions are plain functions of a :class:`~hoe_core.ui.session.Session` and the
 widget values, so they are tested without a browser; ``build_demo`` only wires them.
+
+Safety defaults: binds 127.0.0.1 unless on Spaces (``SPACE_ID``) or given ``--host``; never
+a share link; bad input of any event (UI or API) is a ``gr.Error`` naming the field and
+its allowed range, and the app keeps serving; prompts are capped at MAX_PROMPT_CHARS (the
+user is told); the log has one line per request without the prompt's text
+(``HOE_LOG_PROMPTS=1`` adds it); a client that goes away stops its generation.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import resource
+import sys
 import time
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +35,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from hoe_core.config import APP_PRECISION, PRECISIONS  # noqa: E402
+from hoe_core.config import APP_MAX_NEW_TOKENS, APP_PRECISION, PRECISIONS, SEED_MAX  # noqa: E402
+from hoe_core.generation import check_prompt  # noqa: E402
 from hoe_core.ui.plots import gate_heatmap, pareto_figure  # noqa: E402
 from hoe_core.ui.session import COMPARE_METHODS, Session  # noqa: E402
 
@@ -37,6 +49,8 @@ except ImportError:  # pragma: no cover - the package only exists on Spaces
     def gpu(fn):
         return fn
 
+
+log = logging.getLogger("hoe.app")
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = ROOT / "assets" / "smollm2-hhh"
@@ -71,6 +85,57 @@ def default_bundle() -> tuple[Path, str]:
 
         build_pico_bundle(pico)
     return pico, "fp32"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _checked_number(label, payload, minimum, maximum, integer=False):
+    """A widget value from the UI or the API, or a gr.Error naming the field and its range."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(payload, (int, float)) and not isinstance(payload, bool) and math.isfinite(payload)
+    if ok and integer:
+        ok = float(payload).is_integer()
+    if not ok or not minimum <= payload <= maximum:
+        raise gr.Error(f"{label} must be {kind} in [{minimum}, {maximum}], got {payload!r}")
+    return int(payload) if integer else payload
+
+
+def checked(component, integer: bool = False):
+    """Check this Slider's / Number's input, from the UI or the API, with a message naming
+    the field and its range (gradio's own says only "Value 2 is greater than maximum value
+    1", fails on text and rounds 1.5 to an integer silently). Set on the instance: a
+    subclass would make gradio write a ``.pyi`` stub next to this file."""
+
+    def preprocess(payload):
+        return _checked_number(component.label, payload, component.minimum, component.maximum, integer)
+
+    component.preprocess = preprocess
+    return component
+
+
+def log_request(event: str, prompt: str, lam, decoding, answer: str, seconds: float) -> None:
+    """One log line per request: sizes, preference, settings, time; the prompt's text only
+    with HOE_LOG_PROMPTS=1."""
+    text = f" prompt={prompt!r}" if os.environ.get("HOE_LOG_PROMPTS") == "1" else ""
+    log.info(
+        "%s: prompt %d chars, preference %s, max_new_tokens %d, temperature %g, answer %d chars, %.2f s%s",
+        event,
+        len(prompt),
+        [round(float(x), 3) for x in lam],
+        decoding.max_new_tokens,
+        decoding.temperature,
+        len(answer),
+        seconds,
+        text,
+    )
+
+
+def _notices(notes: list[str]) -> str:
+    """Notes about the prompt (cut, characters dropped): a toast each, and markdown lines."""
+    for note in notes:
+        gr.Warning(note)
+    return "".join(f"  \n⚠️ {note}" for note in notes)
 
 
 # ----------------------------------------------------------------------------- events
@@ -123,19 +188,25 @@ def on_sliders(session: Session, x_name, y_name, three_d, *sliders):
 def on_steer(session: Session, prompt, max_new_tokens, temperature, seed, x_name, y_name, three_d, *sliders):
     """Stream HoE's answer; when done, its rewards and its point on the plot.
 
-    Yields (answer, rewards markdown, figure, last answer state)."""
+    Yields (answer, rewards markdown, figure, last answer state). Closing it (the client
+    went away) stops the generation."""
     try:
         lam = session.preference(sliders)
         decoding = session.decoding(max_new_tokens, temperature, seed)
+        prompt, notes = check_prompt(prompt)
+        notice = _notices(notes)
         text, start, first = "", time.perf_counter(), None
-        for text in session.steer(prompt, lam, decoding):
-            first = first or time.perf_counter() - start
-            yield text, "_generating…_", gr.skip(), gr.skip()
+        with closing(session.steer(prompt, lam, decoding)) as pieces:
+            for text in pieces:
+                first = first or time.perf_counter() - start
+                yield text, "_generating…_" + notice, gr.skip(), gr.skip()
+        seconds = time.perf_counter() - start
+        log_request("generate", prompt, lam, decoding, text, seconds)
         rewards = session.score(prompt, text)
-        latency = f"  \nfirst token {first or 0:.2f} s · total {time.perf_counter() - start:.2f} s"
+        latency = f"  \nfirst token {first or 0:.2f} s · total {seconds:.2f} s"
         figure = front_figure(session, lam, x_name, y_name, three_d, rewards)
         state = {"prompt": prompt, "answer": text, "preference": lam.tolist()}
-        yield text, describe_rewards(session, rewards) + latency, figure, state
+        yield text, describe_rewards(session, rewards) + latency + notice, figure, state
     except ValueError as err:
         raise gr.Error(str(err)) from None
 
@@ -161,11 +232,18 @@ def on_compare(session: Session, prompt, max_new_tokens, *sliders):
     try:
         lam = session.preference(sliders)
         decoding = session.decoding(max_new_tokens, 0.0, 0)
-        for answers in session.compare(prompt, lam, decoding):
-            figure = gr.skip()
-            if all(a.done for a in answers) and session.fronts is not None:
-                figure = compare_figure(session, lam, answers)
-            yield *[a.text for a in answers], compare_table(session, answers), figure
+        prompt, notes = check_prompt(prompt)
+        notice = _notices(notes)
+        start, answers = time.perf_counter(), []
+        with closing(session.compare(prompt, lam, decoding)) as steps:
+            for answers in steps:
+                figure = gr.skip()
+                if all(a.done for a in answers) and session.fronts is not None:
+                    figure = compare_figure(session, lam, answers)
+                yield *[a.text for a in answers], compare_table(session, answers) + notice, figure
+        log_request(
+            "compare", prompt, lam, decoding, answers[0].text if answers else "", time.perf_counter() - start
+        )
     except ValueError as err:
         raise gr.Error(str(err)) from None
 
@@ -278,20 +356,32 @@ def build_demo(session: Session) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     sliders = [
-                        gr.Slider(0, 1, value=v, step=0.01, label=o, elem_id=f"w-{o}")
+                        checked(gr.Slider(0, 1, value=v, step=0.01, label=o, elem_id=f"w-{o}"))
                         for o, v in zip(objs, start)
                     ]
                     weights_md = gr.Markdown(describe_weights(session, start), elem_id="weights")
                     prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=3, elem_id="prompt")
                     gr.Examples(EXAMPLES, inputs=prompt)
                     with gr.Accordion("Decoding", open=False):
-                        max_new = gr.Slider(
-                            1, 256, value=defaults.max_new_tokens, step=1, label="max new tokens"
+                        max_new = checked(
+                            gr.Slider(
+                                1,
+                                APP_MAX_NEW_TOKENS,
+                                value=min(defaults.max_new_tokens, APP_MAX_NEW_TOKENS),
+                                step=1,
+                                label="max new tokens",
+                            ),
+                            integer=True,
                         )
-                        temperature = gr.Slider(
-                            0, 2, value=defaults.temperature, step=0.05, label="temperature"
+                        temperature = checked(
+                            gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="temperature")
                         )
-                        seed = gr.Number(value=defaults.seed, precision=0, label="seed")
+                        seed = checked(
+                            gr.Number(
+                                value=defaults.seed, precision=0, minimum=0, maximum=SEED_MAX, label="seed"
+                            ),
+                            integer=True,
+                        )
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                     answer = gr.Textbox(label="Answer", lines=8, elem_id="answer")
                     rewards_md = gr.Markdown("", elem_id="rewards")
@@ -317,7 +407,16 @@ def build_demo(session: Session) -> gr.Blocks:
         with gr.Tab("Compare"):
             gr.Markdown("One prompt and one preference (the Steer tab's sliders), every method, greedy.")
             c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[1], lines=2)
-            c_max = gr.Slider(1, 256, value=defaults.max_new_tokens, step=1, label="max new tokens")
+            c_max = checked(
+                gr.Slider(
+                    1,
+                    APP_MAX_NEW_TOKENS,
+                    value=min(defaults.max_new_tokens, APP_MAX_NEW_TOKENS),
+                    step=1,
+                    label="max new tokens",
+                ),
+                integer=True,
+            )
             c_button = gr.Button("Compare", variant="primary")
             with gr.Row():
                 c_answers = [gr.Textbox(label=m, lines=8) for m in COMPARE_METHODS]
@@ -346,18 +445,58 @@ def build_demo(session: Session) -> gr.Blocks:
     return demo
 
 
-def main() -> None:
+def launch_options(host: str | None, port: int | None, environ=os.environ) -> dict:
+    """``launch`` keyword arguments: loopback unless on Spaces or asked; never a share link."""
+    if host is None:
+        host = "0.0.0.0" if environ.get("SPACE_ID") else "127.0.0.1"
+    return {"server_name": host, "server_port": port, "share": False}
+
+
+def serve(
+    session: Session,
+    host: str | None = None,
+    port: int | None = None,
+    concurrency: int = 2,
+    max_queue: int = 32,
+    **launch_kwargs,
+) -> gr.Blocks:
+    """Build the app and launch it: ``concurrency`` requests of an event run at once
+    (users share the model, never a mixture), up to ``max_queue`` more wait in the queue;
+    beyond that a request is refused ("queue is full") rather than waiting unboundedly."""
+    if concurrency < 1 or max_queue < 1:
+        raise ValueError(f"concurrency and max_queue must be >= 1, got {concurrency}, {max_queue}")
+    demo = build_demo(session).queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    demo.launch(**launch_options(host, port), **launch_kwargs)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--precision", default=None, choices=PRECISIONS)
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--host", default=None, help="interface to bind (default 127.0.0.1; 0.0.0.0 on Spaces)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(os.environ.get("HOE_CONCURRENCY", 2)),
+        help="requests generating at once (default 2)",
+    )
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most (default 32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     bundle, precision = default_bundle() if args.bundle is None else (args.bundle, APP_PRECISION)
     precision = args.precision or precision
-    session = Session.load(bundle, precision, fronts_dir=FRONTS / Path(bundle).name)
-    host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
-    build_demo(session).queue().launch(server_name=host, server_port=args.port, share=False)
+    try:
+        session = Session.load(bundle, precision, fronts_dir=FRONTS / Path(bundle).name)
+        serve(session, args.host, args.port, args.concurrency, args.max_queue)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # BundleError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

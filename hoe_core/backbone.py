@@ -245,7 +245,9 @@ def load_backbone(
     device = device or default_device()
     kwargs = model_kwargs(precision, device)  # validates precision before any work
     folder = resolve_backbone(spec, base_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), trust_remote_code=False, use_safetensors=True, **kwargs
+    )
     if "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

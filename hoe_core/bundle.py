@@ -38,6 +38,9 @@ from hoe_core.routing.router import RouterExpert
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+#: The only kinds of file a bundle may hold: weights as safetensors, everything else JSON
+#: or text (tokenizer merges, the chat template). Nothing pickled, no code.
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja")
 
 
 class BundleError(ValueError):
@@ -161,10 +164,28 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 def verify_bundle(bundle_dir: str | Path) -> Manifest:
-    """Check the manifest, that every listed file exists with its sha256, and that every
-    referenced expert/router file is listed. Returns the manifest."""
+    """Check the manifest, that every file is listed and of an allowed kind, that every
+    listed file exists with its sha256, and that every referenced expert/router file is
+    listed. Reads only; returns the manifest."""
     root = Path(bundle_dir)
     manifest = read_manifest(root)
+    for rel in manifest.files:
+        if not rel.endswith(ALLOWED_SUFFIXES):
+            raise BundleError(
+                f"bundle {root}: file {rel} is not allowed; a bundle holds only "
+                f"{', '.join(ALLOWED_SUFFIXES)} files (no pickle, no code)"
+            )
+    unlisted = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in manifest.files
+    )
+    unlisted = [rel for rel in unlisted if rel != MANIFEST]
+    if unlisted:
+        raise BundleError(
+            f"bundle {root}: file {unlisted[0]} is not listed in {MANIFEST} 'files' "
+            f"({len(unlisted)} unlisted); every file of a bundle must carry its sha256"
+        )
     for rel, digest in manifest.files.items():
         path = _inside(root, rel, "files")
         if not path.is_file():

@@ -28,6 +28,10 @@ LLAMA_TARGETS: tuple[str, ...] = (
 #: Prompts longer than this many characters are cut (generation) or refused (prompt sets).
 APP_PRECISION = "nf4"  # the app's default backbone precision; evaluate uses it too
 MAX_PROMPT_CHARS = 4000
+#: The app (and its API) generates at most this many tokens per request.
+APP_MAX_NEW_TOKENS = 256
+#: Seeds are integers in [0, SEED_MAX] (what torch.manual_seed takes).
+SEED_MAX = 2**63 - 1
 
 T = TypeVar("T")
 
@@ -40,6 +44,38 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(names)}")
     return cls(**data)
+
+
+def as_int(name: str, value: Any) -> int:
+    """A widget's or client's value as an integer, or a ValueError naming the field.
+
+    Accepts ints, integral floats (``8.0``) and integer strings; refuses ``1.5``, NaN,
+    booleans and text, instead of silently rounding them."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def as_float(name: str, value: Any) -> float:
+    """A widget's or client's value as a finite float, or a ValueError naming the field."""
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -65,14 +101,20 @@ class DecodingConfig:
             )
         for name, lo, hi in (("temperature", 0.0, 10.0), ("repetition_penalty", 0.5, 5.0)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             if not lo <= value <= hi:
                 raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0.0 < self.top_p <= 1.0
+        ):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,12 @@
 
 The preference travels with the call: it is routed to anchor weights and set for this
 call only (see :mod:`hoe_core.routing.context`). Streaming runs ``generate`` in a worker
-thread that inherits the caller's context, so the routing reaches it too.
+thread that inherits the caller's context, so the routing reaches it too; when the
+consumer stops iterating (closes the generator, e.g. a client disconnected) the worker
+stops at the next token.
+
+Concurrent calls share the model but nothing else: greedy calls run side by side;
+sampled calls draw from torch's global RNG, so each holds it (seeded) for its whole call.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,22 +39,54 @@ class Generation:
     new_tokens: int
     seconds: float
     gates: dict[str, np.ndarray] = field(default_factory=dict)  # module -> (T_new, E)
+    notes: list[str] = field(default_factory=list)  # what was done to the prompt (cut, dropped)
+
+
+PROMPT_RANGE = f"1 to {MAX_PROMPT_CHARS:,} characters of UTF-8 text"
+
+
+def check_prompt(prompt: object) -> tuple[str, list[str]]:
+    """Validate a prompt -> (clean text, notes for the user).
+
+    The prompt must be UTF-8 text (``bytes`` are decoded; undecodable bytes, also as
+    the lone surrogates Python uses for them in ``sys.argv``, are refused) that is not
+    blank. CRLF becomes LF; other control characters than newline and tab are dropped,
+    and text longer than MAX_PROMPT_CHARS is cut; each of these adds a note saying so.
+    """
+    if isinstance(prompt, (bytes, bytearray)):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"prompt is not valid UTF-8 (byte 0x{err.object[err.start]:02x} at position "
+                f"{err.start}: {err.reason}); allowed: {PROMPT_RANGE}"
+            ) from None
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text ({PROMPT_RANGE}), got {type(prompt).__name__}")
+    for i, ch in enumerate(prompt):
+        if "\ud800" <= ch <= "\udfff":  # surrogateescape'd bytes or a broken UTF-16 pair
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if ch >= "\udc80" else f"U+{ord(ch):04X}"
+            raise ValueError(f"prompt is not valid UTF-8 ({byte} at character {i}); allowed: {PROMPT_RANGE}")
+    notes = []
+    prompt = prompt.replace("\r\n", "\n")  # Windows line ends are line ends, not noise
+    text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    if len(text) < len(prompt):
+        dropped = len(prompt) - len(text)
+        notes.append(f"dropped {dropped} control character{'s' * (dropped != 1)} from the prompt")
+    if not text.strip():
+        raise ValueError(f"prompt is empty; allowed: {PROMPT_RANGE}")
+    if len(text) > MAX_PROMPT_CHARS:
+        notes.append(
+            f"prompt cut to its first {MAX_PROMPT_CHARS:,} of {len(text):,} characters "
+            f"(the limit is {MAX_PROMPT_CHARS:,})"
+        )
+        text = text[:MAX_PROMPT_CHARS]
+    return text, notes
 
 
 def clean_prompt(prompt: object) -> str:
-    """Validate a prompt: a non-blank string; control characters (except newline and
-    tab) are dropped; longer than MAX_PROMPT_CHARS is cut."""
-    if isinstance(prompt, bytes):
-        try:
-            prompt = prompt.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"prompt is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
-    text = "".join(ch for ch in prompt if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    if not text.strip():
-        raise ValueError("prompt is empty")
-    return text[:MAX_PROMPT_CHARS]
+    """:func:`check_prompt` without the notes."""
+    return check_prompt(prompt)[0]
 
 
 def encode_chat(tokenizer, prompts: Sequence[str], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -91,6 +129,66 @@ def seed_sampling(decoding: DecodingConfig) -> None:
         torch.manual_seed(decoding.seed)
 
 
+_RNG_LOCK = threading.Lock()
+
+
+@contextmanager
+def seeded(decoding: DecodingConfig) -> Iterator[None]:
+    """Seed torch's global RNG for a sampled call and hold it until the call ends, so two
+    users sampling at once cannot interleave their draws (each gets what it would get
+    alone). Greedy calls use no RNG and do not wait."""
+    if decoding.greedy:
+        yield
+        return
+    with _RNG_LOCK:
+        torch.manual_seed(decoding.seed)
+        yield
+
+
+class _Active:
+    """How many generations are running now (streaming workers and batched calls)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        with self._lock:
+            self._n += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._n -= 1
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+
+ACTIVE = _Active()
+
+
+def active_generations() -> int:
+    """Generations running in this process right now (0 once every caller has finished or
+    gone away)."""
+    return ACTIVE.count
+
+
+def _stop_when(event: threading.Event):
+    """A StoppingCriteria that ends every row once ``event`` is set."""
+    from transformers import StoppingCriteria
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full(
+                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
+            )
+
+    return _Stop()
+
+
 def generate(
     hoe: HoEModel,
     tokenizer,
@@ -110,7 +208,10 @@ def generate(
     """
     if len(prompts) != len(preferences):
         raise ValueError(f"{len(prompts)} prompts but {len(preferences)} preferences")
-    prompts = [clean_prompt(p) for p in prompts]
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError("prompts must be a list of prompts, not one string")
+    checked = [check_prompt(p) for p in prompts]
+    prompts = [text for text, _ in checked]
     if anchor_weights is None:
         weights = hoe.anchor_weights(preferences)  # validates and normalises; (B, K)
     else:
@@ -122,8 +223,12 @@ def generate(
     device = next(hoe.model.parameters()).device
     enc = encode_chat(tokenizer, prompts, device)
     start = time.perf_counter()
-    seed_sampling(decoding)
-    with hoe.routing(anchor_weights=weights, record_gates=record_gates) as routing, torch.no_grad():
+    with (
+        ACTIVE.track(),
+        seeded(decoding),
+        hoe.routing(anchor_weights=weights, record_gates=record_gates) as routing,
+        torch.no_grad(),
+    ):
         out = hoe.model.generate(**enc, **generate_kwargs(decoding, tokenizer))
     seconds = time.perf_counter() - start
     new = out[:, enc["input_ids"].shape[1] :]
@@ -140,6 +245,7 @@ def generate(
                 new_tokens=n_new,
                 seconds=seconds,
                 gates=gates,
+                notes=checked[i][1],
             )
         )
     return results
@@ -169,32 +275,47 @@ def stream(
     """Yield the answer's text as it grows (cumulative), token by token.
 
     ``anchor_weights`` (1, K) replaces routing the preference (baselines that mix experts
-    themselves; all zeros is the bare backbone)."""
-    from transformers import TextIteratorStreamer
+    themselves; all zeros is the bare backbone). Closing the generator early (the caller
+    went away) stops the generation at the next token."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     prompt = clean_prompt(prompt)
     weights = hoe.anchor_weights([preference]) if anchor_weights is None else anchor_weights
     device = next(hoe.model.parameters()).device
     enc = encode_chat(tokenizer, [prompt], device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
     errors: list[BaseException] = []
 
     def work() -> None:
+        ended = False  # generate() ends the streamer itself when it completes
         try:
-            seed_sampling(decoding)
-            with hoe.routing(anchor_weights=weights), torch.no_grad():
-                hoe.model.generate(**enc, **generate_kwargs(decoding, tokenizer), streamer=streamer)
+            with ACTIVE.track(), seeded(decoding), hoe.routing(anchor_weights=weights), torch.no_grad():
+                if stop.is_set():  # the caller left while this call waited for the RNG
+                    return
+                hoe.model.generate(
+                    **enc,
+                    **generate_kwargs(decoding, tokenizer),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_stop_when(stop)]),
+                )
+                ended = True
         except BaseException as err:  # surfaced in the caller's thread below
             errors.append(err)
-            streamer.end()
+        finally:
+            if not ended:
+                streamer.end()
 
     ctx = contextvars.copy_context()
-    thread = threading.Thread(target=ctx.run, args=(work,), daemon=True)
+    thread = threading.Thread(target=ctx.run, args=(work,), daemon=True, name="hoe-stream")
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        stop.set()  # no-op when finished; ends the generation when the caller went away
     thread.join()
     if errors:
         raise errors[0]

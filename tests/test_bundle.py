@@ -121,15 +121,17 @@ def test_rewriting_a_bundle_replaces_it_whole(pico_bundle, tmp_path):
     from hoe_core.routing.model import LoraExpert
 
     b = _copy(pico_bundle, tmp_path)
-    (b / "stale.txt").write_text("from an older bundle")
     m = read_manifest(b)
     loaded = load_bundle(b, device="cpu")
+    (b / "stale.txt").write_text("from an older bundle")  # (an unlisted file: verify refuses it)
     experts = [LoraExpert(name=e.name, anchor=np.asarray(e.anchor), factors={}) for e in m.experts]
     with pytest.raises(ValueError, match="at least one module"):  # a failed write keeps the old bundle
         write_bundle(
             b, name="x", backbone_spec="backbone", fingerprint="f", objectives=m.objectives, experts=experts
         )
-    assert (b / "stale.txt").is_file() and verify_bundle(b).name == "pico"
+    assert (b / "stale.txt").is_file() and read_manifest(b).name == "pico"
+    with pytest.raises(BundleError, match="stale.txt is not listed"):
+        verify_bundle(b)
     from hoe_core.experts.adapters import load_lora_adapter
 
     experts = [

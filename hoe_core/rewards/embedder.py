@@ -68,8 +68,14 @@ class Embedder:
         path = Path(self.config.model_dir) if self.config.model_dir else minilm_dir()
         if not (path / "config.json").is_file():
             raise RuntimeError(f"embedder folder {path} has no config.json")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(self.config.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self.model = (
+            AutoModel.from_pretrained(
+                str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+            )
+            .to(self.config.device)
+            .eval()
+        )
         self.dim = int(self.model.config.hidden_size)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:

@@ -18,29 +18,36 @@ import numpy as np
 _TOL = 1e-9
 
 
+ALLOWED = "finite numbers >= 0, at least one > 0"
+
+
 def normalize_preference(values: Sequence[float], n_objectives: int | None = None) -> np.ndarray:
     """Validate raw slider/CLI values and scale them onto the simplex.
 
-    Raises ValueError naming the problem: wrong length, non-numeric, NaN/inf, negative,
-    or all zeros.
+    Raises ValueError naming the field and the allowed range: wrong length, non-numeric,
+    NaN/inf, negative, or all zeros. Any finite values work, however large: they are
+    divided by their maximum before summing, so nothing overflows.
     """
     try:
         raw = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise ValueError(f"preference must be numbers, got {list(values)!r}") from None
+        raise ValueError(
+            f"preference must be numbers, one per objective ({ALLOWED}), got {values!r}"
+        ) from None
     if n_objectives is not None and len(raw) != n_objectives:
         raise ValueError(f"preference needs {n_objectives} values (one per objective), got {len(raw)}")
     if not raw:
-        raise ValueError("preference is empty")
+        raise ValueError(f"preference is empty; it needs one value per objective ({ALLOWED})")
     if not all(math.isfinite(v) for v in raw):
-        raise ValueError(f"preference values must be finite, got {raw}")
+        raise ValueError(f"preference values must be finite ({ALLOWED}), got {raw}")
     if any(v < 0 for v in raw):
-        raise ValueError(f"preference values must be >= 0, got {raw}")
+        raise ValueError(f"preference values must be >= 0 ({ALLOWED}), got {raw}")
     lam = np.asarray(raw, dtype=np.float64)
-    total = lam.sum()
-    if not total > 0:
-        raise ValueError("preference values must not all be zero")
-    return lam / total
+    peak = lam.max()
+    if not peak > 0:
+        raise ValueError(f"preference values must not all be zero ({ALLOWED})")
+    lam = lam / peak  # in [0, 1]: the sum below cannot overflow
+    return lam / lam.sum()
 
 
 def _simplex_lsq(points: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:

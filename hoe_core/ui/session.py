@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from hoe_core.bundle import LoadedBundle, load_bundle
-from hoe_core.config import DecodingConfig
+from hoe_core.config import APP_MAX_NEW_TOKENS, DecodingConfig, as_float, as_int
 from hoe_core.generation import clean_prompt, encode_chat, stream
 from hoe_core.routing.preference import normalize_preference
 from hoe_core.ui.fronts import Fronts, find_fronts
@@ -86,17 +87,21 @@ class Session:
         return normalize_preference(sliders, len(self.objectives))
 
     def decoding(self, max_new_tokens, temperature, seed) -> DecodingConfig:
+        """The widgets' decoding settings (top-p and repetition penalty: the bundle's).
+
+        Raises ValueError naming the field and its allowed range; the app generates at most
+        APP_MAX_NEW_TOKENS tokens per request."""
         base = self.loaded.manifest.decoding_config
-        try:
-            return DecodingConfig(
-                max_new_tokens=int(max_new_tokens),
-                temperature=float(temperature),
-                top_p=base.top_p,
-                repetition_penalty=base.repetition_penalty,
-                seed=int(seed),
-            )
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"decoding settings: {err}") from None
+        n = as_int("max_new_tokens", max_new_tokens)
+        if not 1 <= n <= APP_MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be in [1, {APP_MAX_NEW_TOKENS}] in the app, got {n}")
+        return DecodingConfig(
+            max_new_tokens=n,
+            temperature=as_float("temperature", temperature),
+            top_p=base.top_p,
+            repetition_penalty=base.repetition_penalty,
+            seed=as_int("seed", seed),
+        )
 
     def router_weights(self, lam: Sequence[float]) -> list[tuple[str, float]]:
         """(anchor name, weight) for every expert / router the preference router uses."""
@@ -115,7 +120,7 @@ class Session:
         return out
 
     def steer(self, prompt: str, lam: Sequence[float], decoding: DecodingConfig) -> Iterator[str]:
-        """HoE's answer at ``lam``, cumulative text per token."""
+        """HoE's answer at ``lam``, cumulative text per token (closing it stops the generation)."""
         yield from stream(
             self.loaded.hoe, self.tokenizer, clean_prompt(prompt), self.preference(lam), decoding
         )
@@ -140,9 +145,10 @@ class Session:
         answers = [Answer(m) for m in methods]
         for a in answers:
             start = time.perf_counter()
-            for text in self._stream(a.method, prompt, lam, decoding):
-                a.text, a.seconds = text, time.perf_counter() - start
-                yield answers
+            with closing(self._stream(a.method, prompt, lam, decoding)) as pieces:
+                for text in pieces:
+                    a.text, a.seconds = text, time.perf_counter() - start
+                    yield answers
             a.seconds = time.perf_counter() - start
             a.tokens = len(self.tokenizer(a.text, add_special_tokens=False)["input_ids"])
             a.rewards = self.score(prompt, a.text)
