@@ -264,6 +264,37 @@ def _row_gates(gates: dict[str, list[torch.Tensor]], row: int) -> dict[str, np.n
     return out
 
 
+class _TokenStreamer:
+    """Collects the new token ids from ``generate`` (a transformers streamer: ``put`` gets the
+    prompt first, then each step's tokens; ``end`` once). The consumer is woken on every
+    token, not only at word ends, so it can stop the generation promptly."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.ids: list[int] = []
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self._prompt_seen = False
+        self._ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self.events.put(len(self.ids))
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.events.put(None)
+
+    def __iter__(self) -> Iterator[int]:
+        """The number of new tokens so far, after each token, until the end."""
+        while (n := self.events.get()) is not None:
+            yield n
+
+
 def stream(
     hoe: HoEModel,
     tokenizer,
@@ -272,23 +303,22 @@ def stream(
     decoding: DecodingConfig = DecodingConfig(),
     anchor_weights: torch.Tensor | None = None,
 ) -> Iterator[str]:
-    """Yield the answer's text as it grows (cumulative), token by token.
+    """Yield the answer's text as it grows (cumulative), once per generated token.
 
     ``anchor_weights`` (1, K) replaces routing the preference (baselines that mix experts
     themselves; all zeros is the bare backbone). Closing the generator early (the caller
     went away) stops the generation at the next token."""
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteriaList
 
     prompt = clean_prompt(prompt)
     weights = hoe.anchor_weights([preference]) if anchor_weights is None else anchor_weights
     device = next(hoe.model.parameters()).device
     enc = encode_chat(tokenizer, [prompt], device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _TokenStreamer()
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def work() -> None:
-        ended = False  # generate() ends the streamer itself when it completes
         try:
             with ACTIVE.track(), seeded(decoding), hoe.routing(anchor_weights=weights), torch.no_grad():
                 if stop.is_set():  # the caller left while this call waited for the RNG
@@ -299,23 +329,26 @@ def stream(
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_stop_when(stop)]),
                 )
-                ended = True
         except BaseException as err:  # surfaced in the caller's thread below
             errors.append(err)
         finally:
-            if not ended:
-                streamer.end()
+            streamer.end()
 
     ctx = contextvars.copy_context()
     thread = threading.Thread(target=ctx.run, args=(work,), daemon=True, name="hoe-stream")
     thread.start()
     text = ""
     try:
-        for piece in streamer:
-            text += piece
+        for n in streamer:  # every token, even when the text did not change: a closing
+            # caller is noticed within one token. An unfinished multi-byte character decodes
+            # to U+FFFD: it is held back until its other bytes arrive.
+            text = tokenizer.decode(streamer.ids[:n], skip_special_tokens=True).rstrip("\ufffd")
             yield text
     finally:
         stop.set()  # no-op when finished; ends the generation when the caller went away
     thread.join()
     if errors:
         raise errors[0]
+    final = tokenizer.decode(streamer.ids, skip_special_tokens=True)
+    if final != text:
+        yield final
