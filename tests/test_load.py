@@ -158,3 +158,31 @@ def test_load_on_the_shipped_bundle_at_ci_size(tmp_path):
     report = __import__("json").loads(out.read_text())
     assert code == 0 and report["ok"], report
     assert report["requests"] == users * requests and report["failures"] == [] and report["mismatches"] == []
+
+
+def test_a_full_queue_refuses_at_once_instead_of_waiting_unboundedly(session):
+    from gradio_client import Client
+
+    hoe = session.loaded.hoe
+    hook = hoe.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    eos = hoe.model.generation_config.eos_token_id
+    hoe.model.generation_config.eos_token_id = None  # each request runs all 256 tokens (> 2.5 s)
+    demo = app.serve(session, port=None, concurrency=1, max_queue=1, prevent_thread_lock=True, quiet=True)
+    jobs = []
+    try:
+        inputs = ("hi", 256, 0.0, 0, "helpful", "harmless", False, 1, 1, 1)
+        clients = [Client(demo.local_url, verbose=False) for _ in range(3)]
+        jobs.append(clients[0].submit(*inputs, api_name="/generate"))
+        wait_for(lambda: active_generations() == 1)  # the one slot is busy
+        jobs.append(clients[1].submit(*inputs, api_name="/generate"))  # waits in the queue
+        wait_for(lambda: jobs[1].status().code.value == "IN_QUEUE")
+        full = clients[2].submit(*inputs, api_name="/generate")
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            full.result(timeout=60)
+    finally:
+        for job in jobs:
+            job.cancel()
+        wait_for(lambda: active_generations() == 0)
+        demo.close()
+        hook.remove()
+        hoe.model.generation_config.eos_token_id = eos
