@@ -343,6 +343,17 @@ def cost_table(session: Session) -> str:
 # ----------------------------------------------------------------------------- layout
 
 
+def max_new_tokens_slider(defaults) -> gr.Slider:
+    """The max-new-tokens control (Steer and Compare tabs), capped at APP_MAX_NEW_TOKENS."""
+    return gr.Slider(
+        1,
+        APP_MAX_NEW_TOKENS,
+        value=min(defaults.max_new_tokens, APP_MAX_NEW_TOKENS),
+        step=1,
+        label="max new tokens",
+    )
+
+
 def build_demo(session: Session) -> gr.Blocks:
     """The Blocks app over one session. Named API endpoints: generate, compare, front."""
     objs = session.objectives
@@ -363,16 +374,7 @@ def build_demo(session: Session) -> gr.Blocks:
                     prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=3, elem_id="prompt")
                     gr.Examples(EXAMPLES, inputs=prompt)
                     with gr.Accordion("Decoding", open=False):
-                        max_new = checked(
-                            gr.Slider(
-                                1,
-                                APP_MAX_NEW_TOKENS,
-                                value=min(defaults.max_new_tokens, APP_MAX_NEW_TOKENS),
-                                step=1,
-                                label="max new tokens",
-                            ),
-                            integer=True,
-                        )
+                        max_new = checked(max_new_tokens_slider(defaults), integer=True)
                         temperature = checked(
                             gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="temperature")
                         )
@@ -407,16 +409,7 @@ def build_demo(session: Session) -> gr.Blocks:
         with gr.Tab("Compare"):
             gr.Markdown("One prompt and one preference (the Steer tab's sliders), every method, greedy.")
             c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[1], lines=2)
-            c_max = checked(
-                gr.Slider(
-                    1,
-                    APP_MAX_NEW_TOKENS,
-                    value=min(defaults.max_new_tokens, APP_MAX_NEW_TOKENS),
-                    step=1,
-                    label="max new tokens",
-                ),
-                integer=True,
-            )
+            c_max = checked(max_new_tokens_slider(defaults), integer=True)
             c_button = gr.Button("Compare", variant="primary")
             with gr.Row():
                 c_answers = [gr.Textbox(label=m, lines=8) for m in COMPARE_METHODS]

@@ -223,6 +223,10 @@ def _mod_timed(hoe, tok, prompts: list[str], preference, new_tokens: int) -> Tim
 
 
 # ---------------------------------------------------------------------------- one precision
+#: (preference (N,), batch) -> (a context manager factory to generate in, seconds it took)
+Prepare = Callable[[np.ndarray, int], tuple[Callable, float]]
+
+
 @dataclass
 class MethodResult:
     method: str
@@ -290,165 +294,117 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
             f"  switch->first {res.switch_first_token_s or 0:.3f} s"
         )
 
-    # the bare backbone
-    with RssPeak() as mem:
-        s = median_timing(lambda: _generate_timed(bare, single, cfg.new_tokens), cfg.repeats)
-        b = median_timing(lambda: _generate_timed(bare, batched, cfg.new_tokens), cfg.repeats)
-    finish(
-        "backbone",
-        MethodResult(
-            "backbone",
+    def measure(
+        name: str, model, prepare: Prepare, weight_mib: float, extra_bytes: int = 0, note: str = ""
+    ) -> None:
+        """Decode speed (single, batch) at lambda, then alternate lambda2 / lambda: every call
+        a preference change, timed from ``prepare`` (route / re-merge) to the first token."""
+        with RssPeak() as mem:
+            ctx, _ = prepare(lam, 1)
+            s = median_timing(partial(_generate_timed, model, single, cfg.new_tokens, ctx), cfg.repeats)
+            ctx, _ = prepare(lam, cfg.batch)
+            b = median_timing(partial(_generate_timed, model, batched, cfg.new_tokens, ctx), cfg.repeats)
+            switches = []
+            for target in [lam2, lam] * cfg.repeats:
+                ctx, overhead = prepare(target, 1)
+                switches.append((overhead + _generate_timed(model, single, 2, ctx).first_token_s, overhead))
+        res = MethodResult(
+            name,
             s.tokens_per_s,
             b.tokens_per_s,
             s.first_token_s,
-            s.first_token_s,
-            0.0,
+            statistics.median(x for x, _ in switches),
+            statistics.median(o for _, o in switches),
             mem.peak / 2**20,
-            backbone_bytes / 2**20,
-        ),
-    )
+            weight_mib,
+            note=note,
+        )
+        finish(name, res, extra_bytes)
+
+    measure("backbone", bare, lambda target, batch: (nullcontext, 0.0), backbone_bytes / 2**20)
     result.params["roofline_tok_s"] = roof
 
     if "hoe" in cfg.methods:
-        w1 = hoe.anchor_weights([lam])
-        active = w1[0].numpy() > 0
-        with RssPeak() as mem:
-            s = median_timing(
-                lambda: _generate_timed(
-                    hoe.model, single, cfg.new_tokens, lambda: hoe.routing(anchor_weights=w1)
-                ),
-                cfg.repeats,
-            )
-            wb = hoe.anchor_weights([lam] * cfg.batch)
-            b = median_timing(
-                lambda: _generate_timed(
-                    hoe.model, batched, cfg.new_tokens, lambda: hoe.routing(anchor_weights=wb)
-                ),
-                cfg.repeats,
-            )
-            switches = []
-            for target in [lam2, lam] * cfg.repeats:  # alternate: every call is a preference change
-                t0 = time.perf_counter()
-                w = hoe.anchor_weights([target])
-                routed = time.perf_counter() - t0
-                t = _generate_timed(hoe.model, single, 2, lambda w=w: hoe.routing(anchor_weights=w))
-                switches.append((routed + t.first_token_s, routed))
-        live = _live_bytes(hoe, active)
-        finish(
+
+        def route(target, batch):
+            t0 = time.perf_counter()
+            w = hoe.anchor_weights([target] * batch)
+            return partial(hoe.routing, anchor_weights=w), time.perf_counter() - t0
+
+        active = hoe.anchor_weights([lam])[0].numpy() > 0
+        measure(
             "hoe",
-            MethodResult(
-                "hoe",
-                s.tokens_per_s,
-                b.tokens_per_s,
-                s.first_token_s,
-                statistics.median(x for x, _ in switches),
-                statistics.median(r for _, r in switches),
-                mem.peak / 2**20,
-                (backbone_bytes + _all_bytes(hoe)) / 2**20,
-                note=f"active anchors {[n for n, a in zip(_anchor_names(hoe), active) if a]}",
-            ),
-            live,
+            hoe.model,
+            route,
+            (backbone_bytes + _all_bytes(hoe)) / 2**20,
+            _live_bytes(hoe, active),
+            note=f"active anchors {[n for n, a in zip(_anchor_names(hoe), active) if a]}",
         )
 
     if "mod" in cfg.methods:
         n_models = int((lam > 0).sum())
         with RssPeak() as mem:
             s = median_timing(
-                lambda: _mod_timed(hoe, tok, [BENCH_PROMPTS[0]], lam, cfg.new_tokens), cfg.repeats
+                partial(_mod_timed, hoe, tok, [BENCH_PROMPTS[0]], lam, cfg.new_tokens), cfg.repeats
             )
-            b = median_timing(lambda: _mod_timed(hoe, tok, batch_prompts, lam, cfg.new_tokens), cfg.repeats)
+            b = median_timing(partial(_mod_timed, hoe, tok, batch_prompts, lam, cfg.new_tokens), cfg.repeats)
             switch = statistics.median(
                 _mod_timed(hoe, tok, [BENCH_PROMPTS[0]], target, 2).first_token_s
                 for target in [lam2, lam] * cfg.repeats
             )
-        finish(
+        experts_bytes = sum(_expert_bytes(hoe, e) for e in singles)
+        res = MethodResult(
             "mod",
-            MethodResult(
-                "mod",
-                s.tokens_per_s,
-                b.tokens_per_s,
-                s.first_token_s,
-                switch,
-                0.0,
-                mem.peak / 2**20,
-                (backbone_bytes + sum(_expert_bytes(hoe, e) for e in singles)) / 2**20,
-                note=f"{n_models} forwards per token (shared backbone, own KV caches)",
-            ),
-            (n_models - 1) * backbone_bytes + sum(_expert_bytes(hoe, e) for e in singles),
+            s.tokens_per_s,
+            b.tokens_per_s,
+            s.first_token_s,
+            switch,
+            0.0,
+            mem.peak / 2**20,
+            (backbone_bytes + experts_bytes) / 2**20,
+            note=f"{n_models} forwards per token (shared backbone, own KV caches)",
         )
+        finish("mod", res, (n_models - 1) * backbone_bytes + experts_bytes)
 
     factors = merge_baseline.single_factors(hoe, loaded.experts)
-    if "rs" in cfg.methods:
-        if precision in ("int8", "nf4"):
-            result.methods["rs"] = MethodResult(
-                "rs", note="quantised weights: a re-merge needs dequantise + requantise; not run"
-            )
-        else:
-            rs_model = load_backbone(
-                loaded.manifest.backbone["spec"], precision, cfg.device, base_dir=loaded.root
-            ).model
-            soup = MergedSoup(rs_model, factors)
-            with RssPeak() as mem:
-                soup.set_preference(lam)
-                s = median_timing(lambda: _generate_timed(rs_model, single, cfg.new_tokens), cfg.repeats)
-                b = median_timing(lambda: _generate_timed(rs_model, batched, cfg.new_tokens), cfg.repeats)
-                switches = []
-                for target in [lam2, lam] * cfg.repeats:
-                    merge_s = soup.set_preference(target)
-                    t = _generate_timed(rs_model, single, 2)
-                    switches.append((merge_s + t.first_token_s, merge_s))
-            finish(
-                "rs",
-                MethodResult(
-                    "rs",
-                    s.tokens_per_s,
-                    b.tokens_per_s,
-                    s.first_token_s,
-                    statistics.median(x for x, _ in switches),
-                    statistics.median(m for _, m in switches),
-                    mem.peak / 2**20,
-                    (weight_bytes(rs_model) + soup.stored_bytes()) / 2**20,
-                    note="weights re-merged per lambda into a dedicated backbone copy (+ the pre-trained weights kept)",
-                ),
-            )
-            del soup, rs_model
-            gc.collect()
+    if "rs" in cfg.methods and precision in ("int8", "nf4"):
+        result.methods["rs"] = MethodResult(
+            "rs", note="quantised weights: a re-merge needs dequantise + requantise; not run"
+        )
+    elif "rs" in cfg.methods:
+        rs_model = load_backbone(
+            loaded.manifest.backbone["spec"], precision, cfg.device, base_dir=loaded.root
+        ).model
+        soup = MergedSoup(rs_model, factors)
+        measure(
+            "rs",
+            rs_model,
+            lambda target, batch: (nullcontext, soup.set_preference(target)),
+            (weight_bytes(rs_model) + soup.stored_bytes()) / 2**20,
+            note="weights re-merged per lambda into a dedicated backbone copy (+ the pre-trained weights kept)",
+        )
+        del soup, rs_model
+        gc.collect()
 
     for name in [m for m in cfg.methods if m.startswith("merge-")]:
         kind = name.split("-", 1)[1]
-        params = {"density": 0.5} if kind == "ties" else {}
-        merger = merge_baseline.MergeAtPreference(factors, kind, device, **params)
-        with RssPeak() as mem:  # (the forward hooks stay installed: merge runs after HoE)
-            deltas = merger.deltas(lam)
-            hooked = partial(merge_baseline.use_deltas, hoe, deltas)
-            s = median_timing(
-                partial(_generate_timed, hoe.model, single, cfg.new_tokens, hooked), cfg.repeats
-            )
-            b = median_timing(
-                partial(_generate_timed, hoe.model, batched, cfg.new_tokens, hooked), cfg.repeats
-            )
-            switches = []
-            for target in [lam2, lam] * cfg.repeats:
-                t0 = time.perf_counter()
-                d = merger.deltas(target)
-                merge_s = time.perf_counter() - t0
-                t = _generate_timed(hoe.model, single, 2, lambda d=d: merge_baseline.use_deltas(hoe, d))
-                switches.append((merge_s + t.first_token_s, merge_s))
-        dense = sum(d.numel() * d.element_size() for d in deltas.values())
-        finish(
+        merger = merge_baseline.MergeAtPreference(
+            factors, kind, device, **({"density": 0.5} if kind == "ties" else {})
+        )
+
+        def merged(target, batch, merger=merger):
+            t0 = time.perf_counter()
+            deltas = merger.deltas(target)
+            return partial(merge_baseline.use_deltas, hoe, deltas), time.perf_counter() - t0
+
+        dense = sum(d.numel() * d.element_size() for d in merger.deltas(lam).values())
+        measure(  # (the forward hooks stay installed: merge runs after HoE)
             name,
-            MethodResult(
-                name,
-                s.tokens_per_s,
-                b.tokens_per_s,
-                s.first_token_s,
-                statistics.median(x for x, _ in switches),
-                statistics.median(m for _, m in switches),
-                mem.peak / 2**20,
-                (backbone_bytes + dense) / 2**20,
-                note="merged dense delta per lambda, added by a forward hook (as the evaluation runs it)",
-            ),
+            hoe.model,
+            merged,
+            (backbone_bytes + dense) / 2**20,
             dense,
+            note="merged dense delta per lambda, added by a forward hook (as the evaluation runs it)",
         )
         del merger
         gc.collect()

@@ -124,11 +124,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def seed_sampling(decoding: DecodingConfig) -> None:
-    if not decoding.greedy:  # greedy decoding needs no RNG
-        torch.manual_seed(decoding.seed)
-
-
 _RNG_LOCK = threading.Lock()
 
 

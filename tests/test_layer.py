@@ -199,3 +199,54 @@ def test_detach_restores_the_bare_backbone(pico_model, pico_dir, three_experts):
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     with torch.no_grad():
         assert_close(model(ids).logits, before)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # one row, experts only: the weights folded into A
+        [[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]],  # rows differ, experts only
+        [[0.2, 0.0, 0.1, 0.7, 0.0]],  # one row with a router
+        [[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5, 0.0]],  # rows differ, two routers
+        [[0.0, 0.0, 0.0, 0.0, 0.0]],  # nothing active: the bare linear
+    ],
+)
+def test_inference_kernels_equal_the_reference_path(weights):
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(2)
+    base = torch.nn.Linear(16, 12)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
+    routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([1, 2], torch.randn(2, 16), torch.randn(2))]
+    layer = HoELinear(base, "x", factors, routers=routers)
+    w = torch.tensor(weights)
+    for seq in (1, 5):  # decode and prefill shapes, and a 2-D input
+        x = torch.randn(w.shape[0], seq, 16)
+        with use_routing(w):
+            want = layer(x)  # grad enabled, gates trainable: the reference path
+            with torch.no_grad():
+                got = layer(x)
+                got_2d = layer(x[:, 0])
+        assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+        if seq == 1:  # a 2-D input (B, in) is one token per row
+            assert_close(got_2d, want.detach()[:, 0], atol=1e-5, rtol=1e-5)
+        if not w.any():
+            assert_close(got, base(x).detach())
+
+
+def test_inference_kernel_follows_a_gate_update_inside_one_routing_block():
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(3)
+    base = torch.nn.Linear(8, 6)
+    factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(2)]
+    layer = HoELinear(base, "x", factors, routers=[([0, 1], None, None)])
+    x = torch.randn(1, 1, 8)
+    with use_routing(torch.tensor([[0.0, 0.0, 1.0]])), torch.no_grad():
+        before = layer(x)
+        layer.gates[0].weight.add_(torch.randn(2, 8))  # in place, as an optimiser step
+        after = layer(x)
+    with use_routing(torch.tensor([[0.0, 0.0, 1.0]])):
+        want = layer(x)
+    assert (before - after).abs().max() > 1e-4
+    assert_close(after, want.detach(), atol=1e-5, rtol=1e-5)

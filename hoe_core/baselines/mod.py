@@ -28,7 +28,8 @@ from transformers import (
 from hoe_core.baselines.soups import mixture_weights, vertex_experts
 from hoe_core.config import DecodingConfig
 from hoe_core.evaluation.front import Method
-from hoe_core.generation import clean_prompt, encode_chat, eos_token_ids, seed_sampling
+from hoe_core.generation import clean_prompt, encode_chat, eos_token_ids
+from hoe_core.routing.context import Routing, activate
 from hoe_core.routing.model import HoEModel
 from hoe_core.routing.preference import normalize_preference
 
@@ -83,9 +84,11 @@ def mod_steps(
         if decoding.top_p < 1.0:
             warpers.append(TopPLogitsWarper(decoding.top_p))
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
-    one_hot = [mixture_weights(hoe, [experts[i]], np.ones(1), batch) for i, _ in active]  # model i alone
+    # model i alone: one routing per model for the whole loop (its layer kernels are built once)
+    routings = [Routing(weights=mixture_weights(hoe, [experts[i]], np.ones(1), batch)) for i, _ in active]
     pad = tokenizer.pad_token_id
-    seed_sampling(decoding)
+    # sampling draws from this call's own generator: concurrent calls never share an RNG
+    rng = None if decoding.greedy else torch.Generator(device).manual_seed(decoding.seed)
     caches: list = [None] * len(active)
     step_ids, step_pos = ids, position
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -93,7 +96,7 @@ def mod_steps(
     for step in range(decoding.max_new_tokens):
         score = None
         for slot, (_, weight) in enumerate(active):  # one forward per model, own KV cache
-            with hoe.routing(anchor_weights=one_hot[slot]):
+            with activate(routings[slot]):
                 out = model(
                     input_ids=step_ids,
                     attention_mask=attention,
@@ -110,7 +113,7 @@ def mod_steps(
         if decoding.greedy:
             token = score.argmax(-1)
         else:
-            token = torch.multinomial(torch.softmax(warpers(ids, score), -1), 1)[:, 0]
+            token = torch.multinomial(torch.softmax(warpers(ids, score), -1), 1, generator=rng)[:, 0]
         token = torch.where(done, torch.full_like(token, pad), token)
         new_tokens.append(token)
         yield torch.stack(new_tokens, 1)

@@ -51,6 +51,7 @@ class Routing:
     record_gates: bool = False
     gates: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     plans: dict[tuple, RoutePlan] = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # (layer, batch) -> that layer's mixture for this call
 
     def weights_for(self, batch: int) -> torch.Tensor:
         """(batch, K): rows repeated when generate expands the batch (beams, samples)."""
@@ -92,7 +93,14 @@ def use_routing(weights: torch.Tensor, record_gates: bool = False) -> Iterator[R
     """Route every HoE layer called inside the block with ``weights`` (B, K)."""
     if weights.dim() != 2:
         raise ValueError(f"anchor weights must be (batch, anchors), got {tuple(weights.shape)}")
-    routing = Routing(weights=weights.detach(), record_gates=record_gates)
+    with activate(Routing(weights=weights.detach(), record_gates=record_gates)) as routing:
+        yield routing
+
+
+@contextmanager
+def activate(routing: Routing) -> Iterator[Routing]:
+    """Route with an existing :class:`Routing` again (a decoding loop that calls the model
+    step by step keeps one per model, so the layers' per-call kernels are built once)."""
     token = _ROUTING.set(routing)
     try:
         yield routing
