@@ -213,21 +213,20 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "hoe_core", "configs")
     return {
         "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),  # uncommitted code or config changes
         "command": " ".join(command if command is not None else sys.argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "python": platform.python_version(),
@@ -273,8 +272,12 @@ def write_bundle(
     rewards: dict[str, Any] | None = None,
     backbone_dir: str | Path | None = None,
     command: Sequence[str] | None = None,
+    provenance_info: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete bundle (fp16 safetensors) and its manifest with checksums.
+
+    ``provenance_info`` (default: :func:`provenance` now) lets a long build record the code
+    it started from rather than the code checked out when it finished.
 
     ``backbone_dir`` copies a (small) backbone folder into ``<bundle>/backbone`` and
     records the spec as that relative folder.
@@ -327,7 +330,7 @@ def write_bundle(
             decoding=asdict(decoding or DecodingConfig()),
             recipe=recipe or {},
             rewards=rewards or {},
-            provenance=provenance(command),
+            provenance=provenance_info or provenance(command),
         )
         parse_manifest(root, json.loads(manifest.to_json()))  # never write what we cannot read
         (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

@@ -128,10 +128,11 @@ def _retained(base: np.ndarray, full: np.ndarray, at_rank: np.ndarray) -> list[f
 
 def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = None, command=None) -> Path:
     """Run every step of the recipe and write the bundle to ``out_dir``."""
-    from hoe_core.bundle import write_bundle
+    from hoe_core.bundle import provenance, write_bundle
     from hoe_core.rewards import fit_normalizer, get_reward
 
     start = time.perf_counter()
+    started_from = provenance(command)  # the code this build runs, not what is checked out at its end
     work = Path(work_dir or Path("build-cache") / cfg.name)
     work.mkdir(parents=True, exist_ok=True)
     n = len(cfg.objectives)
@@ -438,6 +439,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
         rewards={o: {"normalizer": norms[o].to_dict()} for o in cfg.objectives},
         backbone_dir=pico_folder,
         command=command,
+        provenance_info=started_from,
     )
     _log(f"bundle written to {out} in {report['total_s']} s")
     distributed.barrier()
