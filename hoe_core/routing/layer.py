@@ -177,7 +177,8 @@ class HoELinear(nn.Module):
         x3 = x[:, None] if squeeze else x  # (B, T, in)
         if routing.record_gates:
             routing.record(self.name, self.expert_gates(x3, routing.weights_for(x3.shape[0]).to(x3.device)))
-        if not torch.is_grad_enabled():  # inference: the per-call kernel, built on first use
+        if not (torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.gates)):
+            # inference (no router being trained): the per-call kernel, built on first use
             kernel = routing.kernels.get((self, x3.shape[0]))
             if kernel is None or not kernel.current(self):
                 kernel = routing.kernels[(self, x3.shape[0])] = self._kernel(routing, x3)
@@ -188,8 +189,7 @@ class HoELinear(nn.Module):
         act = self._active(plan)
         if act.a.shape[0] == 0:
             return y
-        training = any(self.gates[p].weight.requires_grad for p, _ in plan.routers)
-        delta = self._mixture_trainable(x3, plan, act) if training else self._mixture_fused(x3, plan, act)
+        delta = self._mixture_trainable(x3, plan, act)
         if squeeze:
             delta = delta[:, 0]
         return y + delta.to(y.dtype)
@@ -222,24 +222,6 @@ class HoELinear(nn.Module):
             probs = torch.softmax(self.gates[p](xa).float(), -1).to(act.a.dtype)  # (B, T, |S_p|)
             g = g + (w_p.to(act.a.dtype) * probs) @ act.maps[p]  # (B, T, R_a)
         return ((xa @ act.a.T) * g) @ act.b.T
-
-    def _mixture_fused(self, x: torch.Tensor, plan: RoutePlan, act: _Active) -> torch.Tensor:
-        """Inference path: one matmul for the active A's and all active gates, the routers'
-        weights folded into their one-hot maps, batched matmuls. Same result as above."""
-        xa = x.to(act.a.dtype)
-        weight, bias = self._fused_input_weights(plan, act)
-        h_all = torch.nn.functional.linear(xa, weight, bias)  # (B, T, R_a + sum |S_p|)
-        sizes = [act.a.shape[0]] + [act.maps[p].shape[0] for p, _ in plan.routers]
-        h, *logits = h_all.split(sizes, dim=-1)
-        per_call = plan.cache.get(self.name)
-        if per_call is None:  # this call's weights, gathered onto this layer's rank rows
-            g_fixed = plan.expert_weights.to(act.a.dtype)[..., act.owner]  # (B, 1, R_a)
-            maps_w = [w_p.to(act.a.dtype) * act.maps[p] for p, w_p in plan.routers]  # (B, |S_p|, R_a)
-            per_call = plan.cache[self.name] = (g_fixed, maps_w)
-        g, maps_w = per_call
-        for z, m in zip(logits, maps_w):
-            g = torch.baddbmm(g, torch.softmax(z, -1), m)  # g (B, 1|T, R_a) broadcasts
-        return torch.bmm(h * g, act.b.T.expand(h.shape[0], -1, -1))
 
 
 @dataclass
