@@ -89,6 +89,54 @@ def test_metrics_on_hand_made_rows():
     assert win_rate(rows, ["a", "b"], "hoe", "rs") == pytest.approx(0.5)  # wins at (1,0), loses at (0,1)
 
 
+def test_hv_gap_is_a_paired_bootstrap_over_prompts():
+    def row(m, w, r, pid):
+        return {"method": m, "prompt_id": pid, "w_a": w[0], "w_b": w[1], "r_a": r[0], "r_b": r[1]}
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(12):
+        hard = rng.normal(0, 1)  # prompt difficulty, shared by both methods: it cancels
+        for w in [(1, 0), (0.5, 0.5), (0, 1)]:
+            rows.append(row("hoe", w, (hard + 1.0 + w[0], hard + 1.0 + w[1]), f"p{k}"))
+            rows.append(row("rs", w, (hard + 0.9 + w[0], hard + 0.9 + w[1]), f"p{k}"))
+    s = summarize(rows, ["a", "b"], reference=[-5, -5])
+    gap = s["hv_gap"]["rs"]
+    hv = {m: s["methods"][m]["hypervolume"] for m in ("hoe", "rs")}
+    assert gap["gap"] == pytest.approx(hv["hoe"] - hv["rs"]) and gap["gap"] > 0
+    assert 0 < gap["low"] <= gap["high"] and gap["p_a_below"] == 0.0  # better on every prompt
+    hoe_rows = [r for r in rows if r["method"] == "hoe"]
+    same = summarize(hoe_rows + [{**r, "method": "x"} for r in hoe_rows], ["a", "b"], [-5, -5])
+    assert same["hv_gap"]["x"] == {"gap": 0.0, "low": 0.0, "high": 0.0, "p_a_below": 0.0}
+
+
+def test_method_inputs_follow_what_each_method_reads(pico_bundle):
+    """A rebuild that only changes routers keeps the baselines' cached answers valid."""
+    from dataclasses import replace
+
+    from hoe_core.bundle import read_manifest
+    from hoe_core.evaluation.run import method_inputs
+
+    manifest = read_manifest(pico_bundle)
+    names = ["hoe", "rs", "mod", "merge-ties", "base", "expert-helpful"]
+    before = {n: method_inputs(manifest, n) for n in names}
+    assert before["rs"] == before["mod"] == before["expert-helpful"]  # all read the single experts
+    assert len({before["hoe"], before["rs"], before["base"]}) == 3
+    routed = replace(
+        manifest,
+        routers=[replace(r, anchor=[0.5, 0.25, 0.25]) for r in manifest.routers],
+        files={**manifest.files, **{r.path: "0" * 64 for r in manifest.routers}},
+    )
+    after = {n: method_inputs(routed, n) for n in names}
+    assert after["hoe"] != before["hoe"]
+    assert {n: after[n] for n in names[1:]} == {n: before[n] for n in names[1:]}
+    single = manifest.experts[0]
+    touched = replace(
+        manifest, files={**manifest.files, f"{single.path}/adapter_model.safetensors": "1" * 64}
+    )
+    assert method_inputs(touched, "rs") != before["rs"] and method_inputs(touched, "base") == before["base"]
+
+
 def test_bad_input_fails_before_loading_with_a_clear_message(pico_bundle, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")

@@ -97,3 +97,17 @@ def test_ties_elects_sign_by_weighted_mass_and_averages_agreeing_rows():
     # entry 0: weighted mass 0.75 - 0.75 = 0 -> sign +, only row 0 agrees -> 1.0
     # entry 1: both negative -> (0.75 * -2 + 0.25 * -4) / 1.0
     assert_close(out, torch.tensor([1.0, -2.5]))
+
+
+def test_task_arithmetic_of_lora_deltas_stays_factorised_and_exact():
+    from hoe_core.experts.task_svd import LowRankDelta
+
+    gen = torch.Generator().manual_seed(0)
+    loras = [
+        {"m": LowRankDelta(torch.randn(6, r, generator=gen), torch.randn(r, 5, generator=gen), scale=s)}
+        for r, s in [(2, 0.5), (3, 2.0)]
+    ]
+    merged = merge_task_vectors(loras, [0.3, 0.7], "ta", scale=1.5)["m"]
+    assert isinstance(merged, LowRankDelta) and merged.B.shape == (6, 5) and merged.A.shape == (5, 5)
+    dense = merge_task_vectors([{"m": lo["m"].dense()} for lo in loras], [0.3, 0.7], "ta", scale=1.5)["m"]
+    torch.testing.assert_close(merged.dense(), dense, atol=1e-5, rtol=1e-5)

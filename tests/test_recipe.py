@@ -72,3 +72,26 @@ def test_shipped_recipe_prompt_splits():
     assert (len(train), len(val), len(evals), len(sweep)) == (434, 24, 64, 40)
     assert set(val) <= set(sweep)  # the merge selection's vertex rows come from the sweep
     assert not {p for _, p in evals} & {p for _, p in train}
+
+
+def test_merge_sweeps_and_router_options(tmp_path):
+    from hoe_core.training.recipe_config import MergeConfig
+
+    merge = MergeConfig(
+        methods=("ta", "ties"), params={"ta": {"scale": [1.0, 2.0]}, "ties": {"density": 0.5}}
+    )
+    assert merge.candidates() == [
+        ("ta(scale=1.0)", "ta", {"scale": 1.0}),
+        ("ta(scale=2.0)", "ta", {"scale": 2.0}),
+        ("ties", "ties", {"density": 0.5}),
+    ]
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("name: x\nobjectives: [a, b]\nrouters: [{name: r, anchor: [0.5, 0.5], ablation: false}]\n")
+    (router,) = load_recipe(cfg).routers
+    assert router.init == "anchor" and router.ablation is False
+    cfg.write_text("name: x\nobjectives: [a, b]\nrouters: [{name: r, anchor: [0.5, 0.5], typo: 1}]\n")
+    with pytest.raises(ValueError, match="unknown field"):
+        load_recipe(cfg)
+    cfg.write_text("name: x\nobjectives: [a, b]\nrouters: [{name: r, anchor: [0.5, 0.5], init: zeros}]\n")
+    with pytest.raises(ValueError, match="init must be 'anchor' or 'uniform'"):
+        load_recipe(cfg)

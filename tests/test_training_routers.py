@@ -82,3 +82,25 @@ def test_answer_mask_keeps_the_first_end_of_sequence_and_drops_padding():
     answers = torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 4], [2, 2, 2, 2, 2]])
     expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert _answer_mask(answers, torch.tensor([2])).tolist() == expected
+
+
+def test_router_prior_starts_at_the_anchor_mixture(pico_model, three_experts):
+    """init: anchor -- before training, the router mixes its subset with the given
+    weights (floored), on every token: the output is the fixed mixture of those experts."""
+    router = random_router(pico_model, "r", np.array([0.5, 0.25, 0.25]), three_experts, k=3, seed=2)
+    hoe = HoEModel(pico_model, ["a", "b", "c"], three_experts, [router])
+    hoe.set_router_prior(0, [0.0, 0.5, 0.5], floor=0.1)
+    ids = torch.randint(0, pico_model.config.vocab_size, (2, 7))
+    k = len(hoe.anchors)
+    with torch.no_grad(), hoe.routing(anchor_weights=torch.eye(k)[[k - 1, k - 1]]):
+        routed = pico_model(input_ids=ids).logits
+    mixture = torch.zeros(2, k)
+    floored = 0.9 * torch.tensor([0.0, 0.5, 0.5]) + 0.1 / 3
+    mixture[:, [hoe.expert_names.index(x) for x in router.experts]] = floored
+    with torch.no_grad(), hoe.routing(anchor_weights=mixture):
+        fixed = pico_model(input_ids=ids).logits
+    torch.testing.assert_close(routed, fixed, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="3 non-negative weights summing to 1"):
+        hoe.set_router_prior(0, [0.5, 0.5])
+    with pytest.raises(ValueError, match="summing to 1"):
+        hoe.set_router_prior(0, [0.5, 0.6, -0.1])

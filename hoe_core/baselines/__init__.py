@@ -77,10 +77,11 @@ def make_method(
         return soups.single_expert(hoe, tok, decoding, name[len("expert-") :])
     if name.startswith("merge-"):
         kind = name[len("merge-") :]
-        recipe = ((loaded.manifest.recipe or {}).get("config") or {}).get("merge") or {}
+        from hoe_core.evaluation.run import merge_params as recipe_params
+
         params = {
             **MERGE_DEFAULTS.get(kind, {}),
-            **dict((recipe.get("params") or {}).get(kind, {})),  # as the recipe merged its anchors
+            **recipe_params(loaded.manifest, kind),  # as the recipe merged its anchors
             **dict((merge_params or {}).get(kind, {})),
         }
         return merge.merge_method(

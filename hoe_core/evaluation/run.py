@@ -30,7 +30,7 @@ from hoe_core.evaluation.metrics import simplex_grid
 class EvalSettings:
     """What makes two evaluations the same (recorded in every part and the summary)."""
 
-    bundle_sha: str  # digest of manifest.json (file checksums, normalisers, reward parameters)
+    bundle_sha: str  # digest of manifest.json; a part records its method's inputs instead
     precision: str
     decoding: dict
     prompts_sha: str
@@ -60,6 +60,46 @@ def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
 
 def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def method_inputs(manifest, name: str) -> str:
+    """Digest of the parts of a bundle that method ``name`` reads, so its cached answers
+    survive a rebuild that leaves them alone (new routers do not redo the baselines).
+
+    Every method: the backbone, objectives, reward normalisers and parameters. The
+    baselines and single experts add the single experts' files (and a merge its recipe
+    parameters); ``hoe`` adds every file, expert and router of the manifest.
+    """
+    config = (manifest.recipe or {}).get("config") or {}
+    data: dict = {
+        "backbone": manifest.backbone,
+        "objectives": manifest.objectives,
+        "rewards": manifest.rewards,
+        "reward_params": config.get("reward_params") or {},
+    }
+    if name == "hoe":
+        data["files"] = manifest.files
+        data["experts"] = [(e.name, e.anchor, e.path, e.kind) for e in manifest.experts]
+        data["routers"] = [(r.name, r.anchor, r.experts, r.path) for r in manifest.routers]
+    elif name != "base":
+        singles = [e for e in manifest.experts if e.kind == "single"]
+        data["experts"] = [(e.name, e.anchor, e.path) for e in singles]
+        data["files"] = {
+            path: sha
+            for path, sha in manifest.files.items()
+            if any(path.startswith(e.path + "/") for e in singles)
+        }
+        if name.startswith("merge-"):
+            data["merge"] = merge_params(manifest, name[len("merge-") :])
+    return _digest(data)
+
+
+def merge_params(manifest, kind: str) -> dict:
+    """The recipe's scalar parameters of merge method ``kind`` (the parameters its anchors
+    were merged with; a swept list is a recipe search, not a setting of the baseline)."""
+    recipe = ((manifest.recipe or {}).get("config") or {}).get("merge") or {}
+    params = dict((recipe.get("params") or {}).get(kind, {}))
+    return {k: v for k, v in params.items() if not isinstance(v, (list, tuple))}
 
 
 def csv_columns(objectives: Sequence[str]) -> list[str]:
@@ -101,16 +141,22 @@ def evaluate_methods(
     settings: EvalSettings,
     parts_dir: Path,
     batch_size: int = 16,
+    inputs: Mapping[str, str] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """All methods over the grid; each (method, lambda) part is cached in ``parts_dir``.
 
+    ``inputs``: per method, a digest of what it reads (:func:`method_inputs`); it stands in
+    for ``settings.bundle_sha`` in that method's parts, so they outlive unrelated rebuilds.
     Returns (rows, timing per method: {"generations", "seconds", "per_minute"}).
     """
     grid = simplex_grid(len(objectives), grid_points)
-    key = asdict(settings)
     rows: list[dict] = []
     timing: dict[str, dict] = {}
     for name, method in methods.items():
+        key = asdict(settings)
+        if inputs is not None:
+            del key["bundle_sha"]
+            key["inputs"] = inputs[name]
         folder = parts_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         points = grid[:1] if preference_free(name) else grid
@@ -224,6 +270,7 @@ def evaluate_bundle(
         settings,
         out.with_name(out.name + ".parts"),
         batch_size=batch_size,
+        inputs={n: method_inputs(manifest, n) for n in names},
     )
     write_csv(rows, objectives, out)
     summary = summarize(rows, objectives, reference, preference_free=[n for n in names if preference_free(n)])

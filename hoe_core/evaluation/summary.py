@@ -1,7 +1,9 @@
 """The summary of an evaluation CSV (SPEC section 7): per method and preference the mean
 reward per objective with a 95% CI; the method's Pareto points; hypervolume against a
 fixed reference point; steerability (Spearman rho of lambda_i vs mean r_i over the grid);
-HoE's win rate against each method at equal lambda.
+HoE's win rate against each method at equal lambda; HoE's hypervolume minus each
+method's, with a 95% interval from a paired bootstrap over prompts (the same resampled
+prompts for both methods, so prompt difficulty cancels).
 
     win(hoe, b) = mean over (lambda, prompt) of  [s_hoe > s_b] + 0.5 [s_hoe == s_b],
                   s = sum_i lambda_i r_i  (the answer's reward scalarised at its own lambda)
@@ -67,7 +69,62 @@ def summarize(
         out["win_rate"] = {
             b: win_rate(rows, objectives, reference_method, b) for b in methods if b != reference_method
         }
+        out["hv_gap"] = {
+            b: hv_gap(rows, objectives, ref, reference_method, b, b in preference_free)
+            for b in methods
+            if b != reference_method
+        }
     return out
+
+
+def _reward_cube(rows: Sequence[dict], objectives: Sequence[str], method: str) -> tuple[list, np.ndarray]:
+    """A method's rewards as (prompt ids, (P prompts, G preferences, N)); preferences sorted."""
+    mrows = [r for r in rows if r["method"] == method]
+    prompts = sorted({r["prompt_id"] for r in mrows})
+    prefs = sorted({_key(r, objectives) for r in mrows})
+    cube = np.full((len(prompts), len(prefs), len(objectives)), np.nan)
+    pi, gi = {p: i for i, p in enumerate(prompts)}, {g: i for i, g in enumerate(prefs)}
+    for r in mrows:
+        cube[pi[r["prompt_id"]], gi[_key(r, objectives)]] = [r[f"r_{o}"] for o in objectives]
+    if np.isnan(cube).any():
+        raise ValueError(f"method {method!r} lacks some (preference, prompt) rows")
+    return prompts, cube
+
+
+def hv_gap(
+    rows: Sequence[dict],
+    objectives: Sequence[str],
+    reference: np.ndarray,
+    a: str,
+    b: str,
+    b_preference_free: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """HV(a) - HV(b) of the mean fronts, with a 95% paired-bootstrap interval over prompts.
+
+    Returns {"gap", "low", "high", "p_a_below"}: the gap on all prompts, the 2.5% and 97.5%
+    quantiles of the resampled gaps, and the share of resamples where a's HV < b's.
+    """
+    prompts_a, cube_a = _reward_cube(rows, objectives, a)
+    prompts_b, cube_b = _reward_cube(rows, objectives, b)
+    if prompts_a != prompts_b:
+        raise ValueError(f"methods {a!r} and {b!r} were evaluated on different prompts")
+    if b_preference_free:
+        cube_b = cube_b[:, :1]
+
+    def gap(idx: np.ndarray) -> float:
+        return hypervolume(cube_a[idx].mean(0), reference) - hypervolume(cube_b[idx].mean(0), reference)
+
+    rng = np.random.default_rng(seed)
+    n = len(prompts_a)
+    boot = np.array([gap(rng.integers(0, n, n)) for _ in range(n_boot)])
+    return {
+        "gap": gap(np.arange(n)),
+        "low": float(np.quantile(boot, 0.025)),
+        "high": float(np.quantile(boot, 0.975)),
+        "p_a_below": float((boot < 0).mean()),
+    }
 
 
 def win_rate(rows: Sequence[dict], objectives: Sequence[str], a: str, b: str) -> float:
@@ -91,13 +148,16 @@ def win_rate(rows: Sequence[dict], objectives: Sequence[str], a: str, b: str) ->
 def markdown_table(summary: dict, timing: dict | None = None) -> str:
     """Hypervolume, steerability, HoE's win rate and cost per method, as a Markdown table."""
     objectives = summary["objectives"]
-    head = ["method", "hypervolume", *(f"rho {o}" for o in objectives), "HoE win rate"]
+    head = ["method", "hypervolume", "HoE HV minus this [95% CI]", *(f"rho {o}" for o in objectives)]
+    head += ["HoE win rate"]
     if timing:
         head += ["answers / min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, s in summary["methods"].items():
         steer = s["steerability"] or {}
         cells = [f"`{m}`", f"{s['hypervolume']:.3f}"]
+        g = summary.get("hv_gap", {}).get(m)
+        cells.append(f"{g['gap']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "–")
         cells += [f"{steer[o]:.2f}" if o in steer else "–" for o in objectives]
         win = summary.get("win_rate", {}).get(m)
         cells.append(f"{win:.2f}" if win is not None else "–")

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from peft.utils import merge_utils
 
-from hoe_core.experts.task_svd import TaskVector, as_dense
+from hoe_core.experts.task_svd import LowRankDelta, TaskVector, as_dense
 
 
 class MergeFn(Protocol):
@@ -159,7 +159,19 @@ def merge_task_vectors(
             raise ValueError(f"task vector {i} covers other modules than task vector 0")
     merged: TaskVector = {}
     for name in modules:
-        dense = [as_dense(tv[name]) for tv in task_vectors]
+        deltas = [tv[name] for tv in task_vectors]
+        if method == "ta" and all(isinstance(d, LowRankDelta) for d in deltas):
+            merged[name] = _low_rank_sum(deltas, weights, params.get("scale", 1.0))
+            continue
+        dense = [as_dense(d) for d in deltas]
         stacked = torch.stack([m.reshape(-1) for m in dense])  # (n, d)
         merged[name] = fn(stacked, weights, **params).reshape(dense[0].shape)
     return merged
+
+
+def _low_rank_sum(deltas: list[LowRankDelta], weights: torch.Tensor, scale: float) -> LowRankDelta:
+    """Task arithmetic of factorised deltas, exactly and still factorised:
+    c sum_i w_i s_i B_i A_i = [c w_1 s_1 B_1 | ... ] [A_1; ...] (rank sum_i r_i), so its SVD
+    is the cheap QR route rather than a full decomposition of a dense matrix."""
+    b = torch.cat([scale * float(w) * d.scale * d.B.float() for d, w in zip(deltas, weights)], 1)
+    return LowRankDelta(B=b, A=torch.cat([d.A.float() for d in deltas], 0))

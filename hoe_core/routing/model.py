@@ -130,6 +130,23 @@ class HoEModel:
         """The trainable gate parameters of router ``router`` across all layers."""
         return [p for layer in self.layers.values() for p in layer.gates[router].parameters()]
 
+    def set_router_prior(self, router: int, weights: Sequence[float], floor: float = 0.1) -> None:
+        """Start router ``router``'s gates, in every layer, at the mixture ``weights`` (|S|,)
+        over its subset: zero input weights and bias = log((1 - floor) w + floor / |S|).
+
+        The floor keeps every expert reachable by gradient (softmax of -inf never moves).
+        """
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        size = len(self.routers[router].experts)
+        if w.shape != (size,) or (w < 0).any() or not torch.isclose(w.sum(), torch.tensor(1.0)):
+            raise ValueError(f"router prior needs {size} non-negative weights summing to 1, got {w.tolist()}")
+        bias = torch.log((1 - floor) * w + floor / size)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                gate = layer.gates[router]
+                gate.weight.zero_()
+                gate.bias.copy_(bias.to(gate.bias))
+
     def export_router(self, router: int) -> RouterExpert:
         """The router's current gates as a RouterExpert (for saving after training)."""
         r = self.routers[router]

@@ -22,6 +22,7 @@ from hoe_core.evaluation.metrics import hypervolume, mean_ci, simplex_grid
 from hoe_core.experts.adapters import load_lora_adapter
 from hoe_core.experts.build import compress, merged_objective_vector
 from hoe_core.routing.model import HoEModel, LoraExpert
+from hoe_core.routing.preference import route
 from hoe_core.routing.router import RouterExpert, nearest_experts
 from hoe_core.training import distributed
 from hoe_core.training.experts import train_dpo_expert
@@ -302,37 +303,38 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     if cfg.anchors:
         grid = simplex_grid(n, cfg.merge.grid)
         interior = grid[grid.max(1) < 1.0]  # vertices are the single experts, already evaluated
-        candidates = {}
-        for method in cfg.merge.methods:
-            merged = []
+
+        def merged_anchors(method: str, params: dict) -> list[tuple[LoraExpert, dict]]:
+            out = []
             for a in cfg.anchors:
-                tau = merged_objective_vector(
-                    [taus[o] for o in cfg.objectives], list(a), method, **cfg.merge.params.get(method, {})
-                )
+                tau = merged_objective_vector([taus[o] for o in cfg.objectives], list(a), method, **params)
                 factors, report = compress(tau, cfg.task_svd)
                 name = "merge-" + "-".join(f"{x:.2f}" for x in a)
-                merged.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
-            rows = _cached_rows(  # delete build-cache/<name>/merge to redo
-                work
-                / "merge"
-                / f"{method}-{_key(cfg.merge.params.get(method, {}), cfg.anchors, cfg.merge.grid, asdict(cfg.task_svd), val, val_key)}.json",
-                evaluate_hoe,
-                method,
-                experts + [m for m, _ in merged],
-                interior,
-            )
+                out.append((LoraExpert(name=name, anchor=np.array(a), factors=factors), report))
+            return out
+
+        candidates = {}
+        for label, method, params in cfg.merge.candidates():
+            key = _key(params, cfg.anchors, cfg.merge.grid, asdict(cfg.task_svd), val, val_key)
+            path = work / "merge" / f"{method}-{key}.json"  # delete build-cache/<name>/merge to redo
+            if path.is_file():  # cached: only the winner's anchors get merged, below
+                rows, merged = _cached_rows(path, None), None
+            else:
+                merged = merged_anchors(method, params)
+                rows = _cached_rows(path, evaluate_hoe, label, experts + [m for m, _ in merged], interior)
             _, means = mean_front(val_vertex_rows + rows, cfg.objectives)
-            selection[method] = hypervolume(means, np.full(n, HV_REFERENCE))
-            candidates[method] = merged
-            _log(f"merge {method}: val hypervolume {selection[method]:.4f}")
+            selection[label] = hypervolume(means, np.full(n, HV_REFERENCE))
+            candidates[label] = (method, params, merged)
+            _log(f"merge {label}: val hypervolume {selection[label]:.4f}")
         best = max(selection, key=selection.get)
-        for expert, report in candidates[best]:
+        method, params, merged = candidates[best]
+        for expert, report in merged or merged_anchors(method, params):
             experts.append(expert)
             expert_info[expert.name] = {
                 "kind": "merged",
-                "method": best,
+                "method": method,
                 "task_svd": report,
-                "params": cfg.merge.params.get(best, {}),
+                "params": params,
             }
     lap("merge", t0)
 
@@ -340,12 +342,14 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     t0 = time.perf_counter()
     routers, router_info = [], {}
     anchors = np.stack([e.anchor for e in experts])
+    names = [e.name for e in experts]
     ideal = _own_means(vertex_rows, cfg.objectives)  # z*: each single expert's own reward (val)
     for spec in cfg.routers:
         subset = [experts[i].name for i in nearest_experts(np.array(spec.anchor), anchors, spec.k)]
         info = {}
-        for scal in ["tchebycheff", "linear"] if cfg.ablation_linear else ["tchebycheff"]:
-            inputs = _key(asdict(spec), expert_info, dpo_key, train, cfg.reward_params, ideal.tolist())
+        for scal in ["tchebycheff", "linear"] if cfg.ablation_linear and spec.ablation else ["tchebycheff"]:
+            settings = {k: v for k, v in asdict(spec).items() if k != "ablation"}
+            inputs = _key(settings, expert_info, dpo_key, train, cfg.reward_params, ideal.tolist())
             path = work / "routers" / f"{spec.name}-{scal}-{inputs}.safetensors"
             router = RouterExpert(name=spec.name, anchor=np.array(spec.anchor), experts=subset)
             if path.is_file():
@@ -353,6 +357,9 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
                 info[scal] = json.loads(path.with_suffix(".json").read_text())
             else:
                 hoe = HoEModel(bb.model, cfg.objectives, experts, [router])
+                if spec.init == "anchor":  # start from the interpolation the router must beat
+                    prior = route(np.array(spec.anchor), anchors[[names.index(x) for x in subset]])
+                    hoe.set_router_prior(0, prior)
                 training_cfg = type(spec.training)(**{**asdict(spec.training), "scalarization": scal})
                 summary = train_router(
                     hoe, tok, 0, [p for _, p in train], rewards, norms, training_cfg, ideal=ideal

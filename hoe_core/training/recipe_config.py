@@ -6,6 +6,7 @@ recipe must not silently fall back to a default).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,24 @@ class MergeConfig:
     """Step 4: merged experts at anchors; the method is chosen by hypervolume on val."""
 
     methods: tuple[str, ...] = ("ta", "ties", "pcb")
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method; a list sweeps
     grid: int = 3  # points per simplex edge for the selection front
     max_new_tokens: int = 32
     batch_size: int = 16
+
+    def candidates(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(label, method, params) per candidate: every method, and for a method whose
+        params hold lists, every combination of their values (``ta: {scale: [1, 1.5]}``
+        gives ``ta(scale=1)`` and ``ta(scale=1.5)``)."""
+        out = []
+        for method in self.methods:
+            params = self.params.get(method, {})
+            swept = {k: v for k, v in params.items() if isinstance(v, (list, tuple))}
+            for values in itertools.product(*swept.values()):
+                chosen = {**params, **dict(zip(swept, values))}
+                tag = ",".join(f"{k}={v}" for k, v in zip(swept, values))
+                out.append((f"{method}({tag})" if tag else method, method, chosen))
+        return out
 
 
 @dataclass(frozen=True)
@@ -69,12 +84,24 @@ class RankSweepConfig:
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """Step 5: one router expert, anchored at ``anchor``, over its ``k`` nearest experts."""
+    """Step 5: one router expert, anchored at ``anchor``, over its ``k`` nearest experts.
+
+    ``init``: ``anchor`` starts the gates at the parameter-free preference routing of the
+    anchor over the subset (so training starts from the interpolation it must beat),
+    ``uniform`` at equal weights. ``ablation``: also train it with linear scalarisation
+    (reported only) when the recipe's ``ablation_linear`` is on.
+    """
 
     name: str
     anchor: tuple[float, ...]
     k: int = 3
+    init: str = "anchor"
+    ablation: bool = True
     training: RouterTrainingConfig = RouterTrainingConfig()
+
+    def __post_init__(self) -> None:
+        if self.init not in ("anchor", "uniform"):
+            raise ValueError(f"router {self.name!r}: init must be 'anchor' or 'uniform', got {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -134,11 +161,13 @@ def load_recipe(path: str | Path) -> RecipeConfig:
     if "targets" in experts:
         experts["targets"] = tuple(experts["targets"])
     routers = tuple(
-        RouterSpec(
-            name=r["name"],
-            anchor=tuple(float(x) for x in r["anchor"]),
-            k=int(r.get("k", 3)),
-            training=_nested(RouterTrainingConfig, r.get("training")),
+        from_dict(
+            RouterSpec,
+            {
+                **r,
+                "anchor": tuple(float(x) for x in r.get("anchor", ())),
+                "training": _nested(RouterTrainingConfig, r.get("training")),
+            },
         )
         for r in raw.pop("routers", []) or []
     )
