@@ -250,3 +250,56 @@ def test_inference_kernel_follows_a_gate_update_inside_one_routing_block():
         want = layer(x)
     assert (before - after).abs().max() > 1e-4
     assert_close(after, want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_sibling_layers_share_one_kernel_group(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    qkv = [hoe.layers[attn + n] for n in ("q_proj", "k_proj", "v_proj")]
+    assert qkv[0].group.members == qkv and [m.slot for m in qkv] == [0, 1, 2]
+    assert hoe.layers[mlp + "gate_proj"].group is hoe.layers[mlp + "up_proj"].group
+    assert hoe.layers[attn + "o_proj"].group.members == [hoe.layers[attn + "o_proj"]]
+    assert hoe.layers[mlp + "down_proj"].group.members == [hoe.layers[mlp + "down_proj"]]
+
+
+@pytest.mark.parametrize(
+    "prefs",
+    [
+        [[1.0, 0.0, 0.0]],  # a vertex: one expert, weights folded into A
+        [[0.2, 0.5, 0.3]],  # interior: the router is live
+        PREFS,  # rows differ: per-row gates and maps
+    ],
+)
+def test_grouped_model_kernels_equal_the_reference_path(pico_model, three_experts, prefs):
+    """The whole model: grouped inference kernels (no grad) against the per-layer
+    differentiable path (grad on, gates trainable) -- logits and greedy tokens."""
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(batch=len(prefs), seed=11)
+    with hoe.routing(prefs):
+        want = hoe.model(ids).logits  # reference path
+        assert want.requires_grad
+        with torch.no_grad():
+            got = hoe.model(ids).logits
+    assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    steps = 6
+    with torch.no_grad(), hoe.routing(prefs):
+        fast = hoe.model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=256)
+    seq = ids
+    with hoe.routing(prefs):  # greedy without cache, every step on the reference path
+        for _ in range(steps):
+            seq = torch.cat([seq, hoe.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast, seq)
+
+
+def test_a_preference_change_reuses_the_stacked_weights(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(seed=12)
+    layer = hoe.layers["model.layers.0.self_attn.q_proj"]
+    outs = []
+    for pref in ([0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]):
+        with torch.no_grad(), hoe.routing([pref]):
+            outs.append(hoe.model(ids).logits)
+    assert len(layer.group.fused) == 1  # same active set: stacked once
+    assert len(layer.group.kernels) == 2  # one kernel per preference, reused on the way back
+    assert_close(outs[0], outs[2])
+    assert (outs[0] - outs[1]).abs().max() > 1e-6

@@ -27,6 +27,7 @@ class RoutePlan:
         routers: (router index, (B, 1, 1) weight) for routers with weight in some row.
         active: (E,) experts with nonzero gate anywhere in the batch; the rest are skipped.
         key: active experts and routers as a tuple, to cache per-layer factor selections.
+        weights_key: the (B, K) weights themselves as a tuple, to cache per-preference kernels.
     """
 
     expert_weights: torch.Tensor
@@ -34,6 +35,7 @@ class RoutePlan:
     active: torch.Tensor
     key: tuple
     device: torch.device
+    weights_key: tuple = ()
     cache: dict = field(default_factory=dict)  # per-layer tensors derived from this plan
 
 
@@ -76,7 +78,9 @@ class Routing:
                     routers.append((p, w_p[:, None, None]))
                     active[subset] = True
             key = (tuple(active.tolist()), tuple(p for p, _ in routers))
-            plan = RoutePlan(w[:, None, :n_experts], routers, active, key, device)
+            plan = RoutePlan(
+                w[:, None, :n_experts], routers, active, key, device, (w.shape, *w.flatten().tolist())
+            )
             self.plans[lookup] = plan
         return plan
 

@@ -14,11 +14,11 @@ its own preference and no state is shared between calls. Experts and routers wit
 weight in the whole batch are skipped. Gates depend on the current token only, so the KV
 cache stays valid during ``generate``.
 
-Inference (no grad) runs a per-call :class:`_Kernel` per layer and batch size, built on the
-call's first forward with everything resolved: the active factors, the gates' weights
-stacked under A (one matmul gives h = A x and the gate logits), the preference weights
-scaled into the router maps -- or, with no router live and one batch row, folded into A,
-so the mixture is two matmuls. Training keeps the plain differentiable path.
+Inference (no router being trained) runs the per-call kernel of
+:mod:`hoe_core.routing.kernel`: everything resolved up front, the gates' weights stacked
+under A (one matmul gives h = A x and the gate logits), and sibling layers that read the
+same input (q/k/v, gate/up) served by one kernel. Training keeps the plain differentiable
+path.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from hoe_core.routing.context import RoutePlan, current_routing
-
-_FUSED_CACHE = 8  # fused [A; gates] weights kept per layer (one per recent active set)
+from hoe_core.routing.kernel import SiblingGroup
 
 
 class HoELinear(nn.Module):
@@ -80,7 +79,8 @@ class HoELinear(nn.Module):
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long, device=device))
         self.subsets: list[list[int]] = []
         self._cache: dict = {}  # _Active per (active set, device)
-        self._fused: dict = {}  # fused [A; gates] input weights, the _FUSED_CACHE newest
+        self.has_experts = a_cat.shape[0] > 0
+        SiblingGroup([self])  # alone until group_siblings joins it to its siblings
         self.gates = nn.ModuleList()
         for subset, weight, bias in routers:
             self.add_router(subset, weight, bias, dtype=dtype)
@@ -102,7 +102,8 @@ class HoELinear(nn.Module):
         self.subsets.append(list(subset))
         self.gates.append(gate)
         self._cache.clear()
-        self._fused.clear()
+        self.group.fused.clear()
+        self.group.kernels.clear()
         return gate
 
     def expert_gates(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -147,72 +148,34 @@ class HoELinear(nn.Module):
             self._cache[key] = act
         return act
 
-    def _fused_input_weights(self, plan: RoutePlan, act: _Active) -> tuple[torch.Tensor, torch.Tensor]:
-        """[A_active; W_rho ...] (R_a + sum |S_p|, in) and its bias, for one matmul over x.
-
-        Cached until a gate's weights change (``_version`` counts in-place updates)."""
-        routers = [p for p, _ in plan.routers]
-        versions = tuple((self.gates[p].weight._version, self.gates[p].bias._version) for p in routers)
-        key = (plan.key, plan.device, versions)
-        fused = self._fused.get(key)
-        if fused is None:
-            dtype, dev = act.a.dtype, plan.device
-            weight = torch.cat([act.a, *[self.gates[p].weight.detach().to(dev, dtype) for p in routers]])
-            bias = torch.cat(
-                [
-                    act.a.new_zeros(act.a.shape[0]),
-                    *[self.gates[p].bias.detach().to(dev, dtype) for p in routers],
-                ]
-            )
-            fused = self._fused[key] = (weight, bias)
-            while len(self._fused) > _FUSED_CACHE:  # a few recent plans (users at different preferences)
-                self._fused.pop(next(iter(self._fused)))
-        return fused
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = current_routing()
-        if routing is None or self.lora_A.shape[0] == 0:
+        if routing is None or not self.has_experts:
             return self.base(x)
-        squeeze = x.dim() == 2
-        x3 = x[:, None] if squeeze else x  # (B, T, in)
+        x3 = x[:, None] if x.dim() == 2 else x  # (B, T, in)
         if routing.record_gates:
             routing.record(self.name, self.expert_gates(x3, routing.weights_for(x3.shape[0]).to(x3.device)))
-        if not (torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.gates)):
-            # inference (no router being trained): the per-call kernel, built on first use
-            kernel = routing.kernels.get((self, x3.shape[0]))
-            if kernel is None or not kernel.current(self):
-                kernel = routing.kernels[(self, x3.shape[0])] = self._kernel(routing, x3)
-            y = kernel(x3, self.base(x3))
-            return y[:, 0] if squeeze else y
+        if torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.gates):
+            return self._forward_trainable(x, x3, routing)
+        # inference (no router being trained): the group's per-call kernel, built on first use
+        key = (self.group, x3.shape[0])
+        kernel = routing.kernels.get(key)
+        if kernel is None or (kernel.versions and not kernel.current()):
+            kernel = routing.kernels[key] = self.group.kernel(routing, x3)
+        h = kernel.hidden(x, x3)
+        y = self.base(x)
+        return y if h is None else kernel.add_delta(self.slot, h, y)
+
+    def _forward_trainable(self, x: torch.Tensor, x3: torch.Tensor, routing) -> torch.Tensor:
         y = self.base(x)
         plan = routing.plan(x3.shape[0], self.n_experts, self.subsets, x3.device)
         act = self._active(plan)
         if act.a.shape[0] == 0:
             return y
         delta = self._mixture_trainable(x3, plan, act)
-        if squeeze:
+        if x is not x3:
             delta = delta[:, 0]
         return y + delta.to(y.dtype)
-
-    def _kernel(self, routing, x: torch.Tensor) -> _Kernel:
-        """This call's mixture for batch ``x.shape[0]``, every weight resolved up front."""
-        plan = routing.plan(x.shape[0], self.n_experts, self.subsets, x.device)
-        act = self._active(plan)
-        if act.a.shape[0] == 0:
-            return _Kernel(None, None, None, None, None, None, ())
-        dtype = act.a.dtype
-        g_fixed = plan.expert_weights.to(dtype)[..., act.owner]  # (B, 1, R_a)
-        routers = [p for p, _ in plan.routers]
-        versions = tuple((self.gates[p].weight._version, self.gates[p].bias._version) for p in routers)
-        b_t = act.b_t
-        if not routers:  # static mixture: fold the weights into A (per row when rows differ)
-            if x.shape[0] == 1:
-                return _Kernel((act.a * g_fixed[0, 0, :, None]).contiguous(), None, b_t, None, None, None, ())
-            return _Kernel(act.a, None, b_t, g_fixed, None, None, ())
-        weight, bias = self._fused_input_weights(plan, act)
-        maps_w = [w_p.to(dtype) * act.maps[p] for p, w_p in plan.routers]  # (B, |S_p|, R_a)
-        sizes = [act.a.shape[0]] + [act.maps[p].shape[0] for p in routers]
-        return _Kernel(weight, bias, b_t, g_fixed, maps_w, sizes, tuple(zip(routers, versions)))
 
     def _mixture_trainable(self, x: torch.Tensor, plan: RoutePlan, act: _Active) -> torch.Tensor:
         """Reference path, differentiable in the router gates. x (B, T, in) -> (B, T, out)."""
@@ -222,49 +185,6 @@ class HoELinear(nn.Module):
             probs = torch.softmax(self.gates[p](xa).float(), -1).to(act.a.dtype)  # (B, T, |S_p|)
             g = g + (w_p.to(act.a.dtype) * probs) @ act.maps[p]  # (B, T, R_a)
         return ((xa @ act.a.T) * g) @ act.b.T
-
-
-@dataclass
-class _Kernel:
-    """One layer's mixture for one call and batch size (inference only).
-
-    delta = ((x A^T) * g) B^T with g = g_fixed + sum_p softmax(z_p) M_p, where
-    [A; W_rho] x = [h; z] is one matmul; without routers and with one batch row the
-    weights are folded into A, so the mixture is two matmuls.
-    """
-
-    weight: torch.Tensor | None  # (R_a [+ sum |S_p|], in): A (scaled when static) [+ gates]
-    bias: torch.Tensor | None  # gate biases (zeros over A's rows), or None
-    b_t: torch.Tensor | None  # (R_a, out)
-    g_fixed: torch.Tensor | None  # (B, 1, R_a), or None when folded into A
-    maps_w: list[torch.Tensor] | None  # per router (B, |S_p|, R_a), its weight folded in
-    sizes: list[int] | None  # split of the fused matmul's output
-    versions: tuple  # (router, gate tensor versions) the fused weight was built from
-
-    def current(self, layer: HoELinear) -> bool:
-        """False once a gate changed in place (an optimiser step) since this kernel was built."""
-        return all(
-            (layer.gates[p].weight._version, layer.gates[p].bias._version) == v for p, v in self.versions
-        )
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, T, in), y = base(x) (B, T, out) -> y + delta."""
-        if self.weight is None:
-            return y
-        xa = x if x.dtype == self.weight.dtype else x.to(self.weight.dtype)
-        if self.sizes is None:  # static mixture
-            h = torch.nn.functional.linear(xa, self.weight)  # (B, T, R_a)
-            if self.g_fixed is not None:
-                h = h * self.g_fixed
-            delta = h @ self.b_t
-        else:
-            h_all = torch.nn.functional.linear(xa, self.weight, self.bias)
-            h, *logits = h_all.split(self.sizes, dim=-1)
-            g = self.g_fixed
-            for z, m in zip(logits, self.maps_w):
-                g = torch.baddbmm(g, torch.softmax(z, -1), m)  # (B, T, R_a)
-            delta = (h * g) @ self.b_t
-        return y + delta if delta.dtype == y.dtype else y + delta.to(y.dtype)
 
 
 @dataclass

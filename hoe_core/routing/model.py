@@ -22,6 +22,7 @@ from torch import nn
 from hoe_core.config import LLAMA_TARGETS
 from hoe_core.experts.task_svd import LowRankDelta
 from hoe_core.routing.context import Routing, use_routing
+from hoe_core.routing.kernel import group_siblings
 from hoe_core.routing.layer import HoELinear
 from hoe_core.routing.preference import normalize_preference, route
 from hoe_core.routing.router import RouterExpert
@@ -88,6 +89,7 @@ class HoEModel:
             self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"no linear named {list(targets)} found in the model")
+        group_siblings(self.layers)  # q/k/v and gate/up share one inference kernel
         unknown = {m for e in experts for m in e.factors} - set(self.layers)
         if unknown:
             raise ValueError(f"experts touch modules the model lacks: {sorted(unknown)[:3]}...")

@@ -1,0 +1,216 @@
+"""The inference kernel of the HoE layers: one call's mixture, every weight resolved up front.
+
+Sibling layers that read the same input -- q/k/v of an attention block, gate/up of an MLP
+-- form a :class:`SiblingGroup`, and one kernel computes the low-rank deltas of all of them
+at once (at batch 1 the cost is the number of small ops, not their FLOPs)::
+
+    x (B, T, in) ─► [A_q; A_k; A_v; W_rho,q; ...] x + b  ─► h (B, T, R) | z (B, T, S)
+                                                                          │ softmax per router
+    g = g_fixed + softmax(z) M   (B, T, R)  ◄─────────────────────────────┘
+    y_q = base_q(x) + (h * g)[..., R_q] B_q^T   (one addmm per member; likewise k, v)
+
+The first member called computes the group's gated h and keeps it with the input it came
+from; the others reuse it while they are called with that same tensor (HF calls q, k and v
+on one ``hidden_states``). Without live routers and with one batch row the weights fold
+into A: per group one matmul, then one addmm per member.
+
+Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
+request); the weights they stack are cached per group and active set, so a preference
+change only recomputes the small (B, S, R) maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from itertools import accumulate
+
+import torch
+
+_FUSED_CACHE = 8  # stacked weights kept per group (one per recent active set)
+
+
+class SiblingGroup:
+    """HoE layers sharing one input; ``members[i].slot == i``. A layer alone is a group of one."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.fused: dict = {}  # (plan key, device, gate versions) -> _Stacked
+        self.kernels: dict = {}  # (weights, plan key, device, gate versions) -> Kernel, recent preferences
+        for slot, m in enumerate(members):
+            m.group, m.slot = self, slot
+
+    def kernel(self, routing, x: torch.Tensor) -> Kernel:
+        """The group's mixture for this call and batch ``x.shape[0]`` (x: (B, T, in)); a
+        recent preference's kernel is reused (a fresh copy: the sibling state is per call)."""
+        lead = self.members[0]
+        plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
+        stacked = self._stacked(plan)
+        key = (plan.weights_key, plan.key, plan.device, tuple(t._version for t in stacked.gate_params))
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            kernel = self.kernels[key] = self._build(plan, stacked, x.shape[0])
+            while len(self.kernels) > _FUSED_CACHE:
+                self.kernels.pop(next(iter(self.kernels)), None)
+        return replace(kernel)
+
+    def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
+        versions = tuple((t, t._version) for t in stacked.gate_params)
+        shared = len(self.members) > 1
+        out = (stacked.b_ts, stacked.spans, versions, shared)
+        if stacked.weight.shape[0] == 0:
+            return Kernel(None, None, None, None, 0, (), *out)
+        dtype = stacked.weight.dtype
+        g_fixed = plan.expert_weights.to(dtype)[..., stacked.owner]  # (B, 1, R)
+        if not stacked.segments:  # static mixture: fold the weights into A (per row when rows differ)
+            if batch == 1:
+                return Kernel(stacked.weight * g_fixed[0, 0, :, None], None, None, None, 0, (), *out)
+            return Kernel(stacked.weight, None, g_fixed, None, 0, (), *out)
+        w = dict(plan.routers)  # router -> (B, 1, 1)
+        seg_w = torch.cat([w[p].to(dtype).expand(-1, n, -1) for p, n in stacked.segments], 1)  # (B, S, 1)
+        return Kernel(
+            stacked.weight,
+            stacked.bias,
+            g_fixed,
+            seg_w * stacked.maps,  # (B, S, R): router p's probabilities -> its experts' rank rows
+            stacked.owner.shape[0],
+            [n for _, n in stacked.segments],
+            *out,
+        )
+
+    def _stacked(self, plan) -> _Stacked:
+        """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
+        gate's weights change (``_version`` counts in-place updates)."""
+        routers = [p for p, _ in plan.routers]
+        params = [t for m in self.members for p in routers for t in (m.gates[p].weight, m.gates[p].bias)]
+        key = (plan.key, plan.device, tuple(t._version for t in params))
+        stacked = self.fused.get(key)
+        if stacked is None:
+            stacked = self.fused[key] = self._stack(plan, routers)
+            while len(self.fused) > _FUSED_CACHE:  # a few recent plans (users at different preferences)
+                self.fused.pop(next(iter(self.fused)), None)
+        return stacked
+
+    def _stack(self, plan, routers: list[int]) -> _Stacked:
+        acts = [m._active(plan) for m in self.members]
+        dev = plan.device
+        dtype = acts[0].a.dtype
+        ranks = [act.a.shape[0] for act in acts]
+        starts = [end - r for r, end in zip(ranks, accumulate(ranks))]
+        n_rank = sum(ranks)
+        gate_w, gate_b, segments, blocks, params = [], [], [], [], []
+        for m, act, start in zip(self.members, acts, starts):
+            if not act.a.shape[0]:
+                continue  # no active expert here: its routers have nothing to gate
+            for p in routers:
+                gate = m.gates[p]
+                gate_w.append(gate.weight.detach().to(dev, dtype))
+                gate_b.append(gate.bias.detach().to(dev, dtype))
+                params += [gate.weight, gate.bias]
+                segments.append((p, gate.weight.shape[0]))
+                block = act.a.new_zeros(gate.weight.shape[0], n_rank)  # (|S_p|, R)
+                block[:, start : start + act.a.shape[0]] = act.maps[p]
+                blocks.append(block)
+        return _Stacked(
+            weight=torch.cat([act.a for act in acts] + gate_w).contiguous(),
+            bias=torch.cat([acts[0].a.new_zeros(n_rank), *gate_b]) if gate_w else None,
+            b_ts=[act.b_t if act.a.shape[0] else None for act in acts],
+            spans=[(start, start + r) for start, r in zip(starts, ranks)],
+            owner=torch.cat([act.owner for act in acts]),
+            maps=torch.cat(blocks) if blocks else None,
+            segments=segments,
+            gate_params=params,
+        )
+
+
+@dataclass
+class _Stacked:
+    """A group's weights for one active set (preference-independent)."""
+
+    weight: torch.Tensor  # (R + S, in): the active A rows of every member, then the gates
+    bias: torch.Tensor | None  # (R + S,): zeros, then the gate biases
+    b_ts: list[torch.Tensor | None]  # per member its B^T (R_m, out_m), None without active experts
+    spans: list[tuple[int, int]]  # per member its rank columns [start, end) of R
+    owner: torch.Tensor  # (R,) expert of each rank row
+    maps: torch.Tensor | None  # (S, R) one-hot: gate output -> the rank rows of its expert
+    segments: list[tuple[int, int]]  # (router, |S_p|) per gate block, in row order
+    gate_params: list[torch.Tensor]  # the gate tensors stacked in (to notice in-place updates)
+
+
+@dataclass(eq=False)
+class Kernel:
+    """One group's mixture for one call and batch size (inference only).
+
+    h = (x A^T) * g with g = g_fixed + softmax(z) M, where [A; W_rho] x = [h; z] is one
+    matmul (without routers and with one batch row g is folded into A); member m then adds
+    h[..., span_m] B_m^T to its base output.
+    """
+
+    weight: torch.Tensor | None  # (R [+ S], in), or None: no active expert in the group
+    bias: torch.Tensor | None  # (R + S,) with routers
+    g_fixed: torch.Tensor | None  # (B, 1, R), or None when folded into A
+    maps: torch.Tensor | None  # (B, S, R) with the router weights folded in, or None (static)
+    n_rank: int  # R
+    sizes: list[int] | tuple  # gate block sizes (one softmax each)
+    b_ts: list[torch.Tensor | None]  # per member (R_m, out_m)
+    spans: list[tuple[int, int]]  # per member its columns of h
+    versions: tuple  # (gate tensor, its version when stacked)
+    shared: bool  # several members: keep the last h for the siblings
+    _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
+
+    def __post_init__(self) -> None:
+        self.equal_sizes = len(set(self.sizes)) == 1
+
+    def current(self) -> bool:
+        """False once a gate changed in place (an optimiser step) since this kernel was built."""
+        return all(t._version == v for t, v in self.versions)
+
+    def hidden(self, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor | None:
+        """The group's gated low-rank activations h * g (B, T, R) for input ``x`` (x3 = x as
+        (B, T, in)); None when no expert is active."""
+        last_x, last_version, last = self._last
+        if last_x is x and last_version == x._version:
+            return last
+        if self.weight is None:
+            return None
+        xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
+        h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
+        if self.maps is not None:
+            z = h[..., self.n_rank :]  # (B, T, S) gate logits
+            h = h[..., : self.n_rank]
+            if len(self.sizes) == 1:
+                probs = torch.softmax(z, -1)
+            elif self.equal_sizes:  # one softmax over every gate block
+                probs = torch.softmax(z.unflatten(-1, (len(self.sizes), self.sizes[0])), -1).flatten(-2)
+            else:
+                probs = torch.cat([torch.softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
+            h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
+        elif self.g_fixed is not None:
+            h = h * self.g_fixed
+        if self.shared:
+            self._last = (x, x._version, h)
+        return h
+
+    def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + h[..., span] B^T for member ``slot``; y (..., out) its base output."""
+        b_t = self.b_ts[slot]
+        if b_t is None:
+            return y
+        lo, hi = self.spans[slot]
+        h = h.reshape(-1, h.shape[-1])[:, lo:hi] if self.shared else h.reshape(-1, hi - lo)  # (B*T, R_m)
+        if y.dtype != b_t.dtype:
+            return y + (h @ b_t).view(y.shape).to(y.dtype)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, b_t).view(y.shape)
+
+
+def group_siblings(layers: dict) -> None:
+    """Group HoE layers (name -> layer) that read the same input: q/k/v and gate/up under one
+    parent. Layers without experts stay alone (they skip the mixture)."""
+    kinds = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+    groups: dict[tuple[str, str], list] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        if child in kinds and layer.lora_A.shape[0]:
+            groups.setdefault((parent, kinds[child]), []).append(layer)
+    for members in groups.values():
+        if len(members) > 1:
+            SiblingGroup(members)
