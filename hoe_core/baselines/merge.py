@@ -25,7 +25,7 @@ from hoe_core.baselines.soups import base_model, vertex_experts
 from hoe_core.config import DecodingConfig
 from hoe_core.evaluation.front import Method
 from hoe_core.experts.merging import merge_task_vectors
-from hoe_core.experts.task_svd import LowRankDelta
+from hoe_core.experts.task_svd import LowRankDelta, as_dense
 from hoe_core.routing.model import HoEModel
 from hoe_core.routing.preference import normalize_preference
 
@@ -80,7 +80,7 @@ class MergeAtPreference:
         key = tuple(np.round(np.asarray(lam, float), 12))
         if self._cached is None or self._cached[0] != key:
             merged = merge_task_vectors(self.factors, list(key), self.method, **self.params)
-            dense = {m: d.to(self.device, torch.float32) for m, d in merged.items()}
+            dense = {m: as_dense(d).to(self.device) for m, d in merged.items()}  # TA may stay factorised
             self._cached = (key, dense)
         return self._cached[1]
 
