@@ -82,7 +82,21 @@ def readme(bundle: str, summaries: dict[str, dict], command: str, n_prompts: int
                     else "; steerability >= 0.8 everywhere."
                 )
             )
+            gaps = summary.get("hv_gap", {})
+            unresolved = [
+                m for m in ("rs", "mod", "merge-ta", "merge-ties") if m in gaps and gaps[m]["low"] <= 0
+            ]
+            if unresolved:
+                parts.append(
+                    "On these prompts the 95% interval of HoE's hypervolume gap includes 0 against "
+                    + ", ".join(f"`{m}`" for m in unresolved)
+                    + ": more prompts are needed to separate them."
+                )
         parts.append("")
+    parts.append(
+        "Answers per minute are timed by the run that computed each cached part (a method whose "
+        "inputs did not change keeps its answers and timing from an earlier run).\n"
+    )
     parts.append("## Cost per method\n")
     parts.append("| method | backbone forwards / token | what it keeps in memory |\n|---|---|---|")
     for m, (fwd, mem) in COST_NOTES.items():
