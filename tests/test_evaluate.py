@@ -157,3 +157,36 @@ def test_bad_input_fails_before_loading_with_a_clear_message(pico_bundle, tmp_pa
     assert "missing.txt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
     shutil.rmtree(tmp_path)
+
+
+def test_fronts_readme_says_when_the_prompts_do_not_separate_hoe_from_a_baseline():
+    from hoe_core.evaluation.fronts import readme
+
+    def method(hv, steer=None):
+        return {
+            "points": [{}] * 3,
+            "hypervolume": hv,
+            "steerability": steer,
+            "preference_free": steer is None,
+        }
+
+    summary = {
+        "objectives": ["a", "b"],
+        "reference_point": [-1.0, -1.0],
+        "normalised": True,
+        "methods": {
+            "hoe": method(2.0, {"a": 0.9, "b": 0.7}),
+            "rs": method(1.9, {"a": 1, "b": 1}),
+            "mod": method(1.0, {}),
+        },
+        "hv_gap": {
+            "rs": {"gap": 0.1, "low": -0.3, "high": 0.4, "p_a_below": 0.3},
+            "mod": {"gap": 1.0, "low": 0.2, "high": 1.5, "p_a_below": 0.0},
+        },
+        "win_rate": {"rs": 0.5, "mod": 0.7},
+        "timing": {},
+    }
+    text = readme("b", {"nf4": summary}, "cmd", 8, 3)
+    assert "HoE's hypervolume is the highest; its steerability is under 0.8 for b." in text
+    assert "includes 0 against `rs`: more prompts" in text and "`mod`:" not in text
+    assert "+0.100 [-0.300, +0.400]" in text
