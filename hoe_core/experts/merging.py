@@ -10,6 +10,7 @@ PCB-merging (Du et al., NeurIPS 2024) is ours, transcribed from the authors' ``P
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -150,6 +151,7 @@ def merge_task_vectors(
         module name -> merged dense delta (out, in).
     """
     fn = get_merge_method(method)
+    inspect.signature(fn).bind(None, None, **params)  # unknown params fail here (TypeError), on every path
     weights = torch.as_tensor(weights, dtype=torch.float32)
     if weights.shape != (len(task_vectors),):
         raise ValueError(f"need one weight per task vector: {len(task_vectors)} vs {tuple(weights.shape)}")
