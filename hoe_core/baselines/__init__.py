@@ -47,6 +47,14 @@ def expand_methods(names: Sequence[str], objectives: Sequence[str]) -> list[str]
     return out
 
 
+def recipe_merge_params(manifest, kind: str) -> dict:
+    """The recipe's scalar parameters of merge method ``kind`` (the parameters its anchors
+    were merged with; a swept list is a recipe search, not a setting of the baseline)."""
+    recipe = ((manifest.recipe or {}).get("config") or {}).get("merge") or {}
+    params = dict((recipe.get("params") or {}).get(kind, {}))
+    return {k: v for k, v in params.items() if not isinstance(v, (list, tuple))}
+
+
 def preference_free(name: str) -> bool:
     """Methods whose answer does not depend on the preference (evaluated once per prompt)."""
     return name == "base" or name.startswith("expert-")
@@ -77,11 +85,9 @@ def make_method(
         return soups.single_expert(hoe, tok, decoding, name[len("expert-") :])
     if name.startswith("merge-"):
         kind = name[len("merge-") :]
-        from hoe_core.evaluation.run import merge_params as recipe_params
-
         params = {
             **MERGE_DEFAULTS.get(kind, {}),
-            **recipe_params(loaded.manifest, kind),  # as the recipe merged its anchors
+            **recipe_merge_params(loaded.manifest, kind),  # as the recipe merged its anchors
             **dict((merge_params or {}).get(kind, {})),
         }
         return merge.merge_method(

@@ -83,9 +83,7 @@ def readme(bundle: str, summaries: dict[str, dict], command: str, n_prompts: int
                 )
             )
             gaps = summary.get("hv_gap", {})
-            unresolved = [
-                m for m in ("rs", "mod", "merge-ta", "merge-ties") if m in gaps and gaps[m]["low"] <= 0
-            ]
+            unresolved = [m for m, g in gaps.items() if not methods[m]["preference_free"] and g["low"] <= 0]
             if unresolved:
                 parts.append(
                     "On these prompts the 95% interval of HoE's hypervolume gap includes 0 against "

@@ -90,16 +90,10 @@ def method_inputs(manifest, name: str) -> str:
             if any(path.startswith(e.path + "/") for e in singles)
         }
         if name.startswith("merge-"):
-            data["merge"] = merge_params(manifest, name[len("merge-") :])
+            from hoe_core.baselines import recipe_merge_params
+
+            data["merge"] = recipe_merge_params(manifest, name[len("merge-") :])
     return _digest(data)
-
-
-def merge_params(manifest, kind: str) -> dict:
-    """The recipe's scalar parameters of merge method ``kind`` (the parameters its anchors
-    were merged with; a swept list is a recipe search, not a setting of the baseline)."""
-    recipe = ((manifest.recipe or {}).get("config") or {}).get("merge") or {}
-    params = dict((recipe.get("params") or {}).get(kind, {}))
-    return {k: v for k, v in params.items() if not isinstance(v, (list, tuple))}
 
 
 def csv_columns(objectives: Sequence[str]) -> list[str]:

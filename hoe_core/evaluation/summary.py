@@ -69,11 +69,8 @@ def summarize(
         out["win_rate"] = {
             b: win_rate(rows, objectives, reference_method, b) for b in methods if b != reference_method
         }
-        out["hv_gap"] = {
-            b: hv_gap(rows, objectives, ref, reference_method, b, b in preference_free)
-            for b in methods
-            if b != reference_method
-        }
+        others = [b for b in methods if b != reference_method]
+        out["hv_gap"] = hv_gaps(rows, objectives, ref, reference_method, others, preference_free)
     return out
 
 
@@ -91,40 +88,44 @@ def _reward_cube(rows: Sequence[dict], objectives: Sequence[str], method: str) -
     return prompts, cube
 
 
-def hv_gap(
+def hv_gaps(
     rows: Sequence[dict],
     objectives: Sequence[str],
     reference: np.ndarray,
     a: str,
-    b: str,
-    b_preference_free: bool = False,
+    others: Sequence[str],
+    preference_free: Sequence[str] = (),
     n_boot: int = 1000,
     seed: int = 0,
-) -> dict:
-    """HV(a) - HV(b) of the mean fronts, with a 95% paired-bootstrap interval over prompts.
+) -> dict[str, dict]:
+    """HV(a) - HV(b) of the mean fronts for each b in ``others``, with a 95% paired-bootstrap
+    interval over prompts (the same resampled prompts for a and every b; a's HVs once).
 
-    Returns {"gap", "low", "high", "p_a_below"}: the gap on all prompts, the 2.5% and 97.5%
-    quantiles of the resampled gaps, and the share of resamples where a's HV < b's.
+    Returns per b {"gap", "low", "high", "p_a_below"}: the gap on all prompts, the 2.5% and
+    97.5% quantiles of the resampled gaps, and the share of resamples where a's HV < b's.
     """
-    prompts_a, cube_a = _reward_cube(rows, objectives, a)
-    prompts_b, cube_b = _reward_cube(rows, objectives, b)
-    if prompts_a != prompts_b:
-        raise ValueError(f"methods {a!r} and {b!r} were evaluated on different prompts")
-    if b_preference_free:
-        cube_b = cube_b[:, :1]
-
-    def gap(idx: np.ndarray) -> float:
-        return hypervolume(cube_a[idx].mean(0), reference) - hypervolume(cube_b[idx].mean(0), reference)
-
+    prompts, cube_a = _reward_cube(rows, objectives, a)
+    n = len(prompts)
     rng = np.random.default_rng(seed)
-    n = len(prompts_a)
-    boot = np.array([gap(rng.integers(0, n, n)) for _ in range(n_boot)])
-    return {
-        "gap": gap(np.arange(n)),
-        "low": float(np.quantile(boot, 0.025)),
-        "high": float(np.quantile(boot, 0.975)),
-        "p_a_below": float((boot < 0).mean()),
-    }
+    draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]  # all prompts, then resamples
+
+    def hvs(cube: np.ndarray) -> np.ndarray:
+        return np.array([hypervolume(cube[idx].mean(0), reference) for idx in draws])
+
+    hv_a = hvs(cube_a)
+    out = {}
+    for b in others:
+        prompts_b, cube_b = _reward_cube(rows, objectives, b)
+        if prompts_b != prompts:
+            raise ValueError(f"methods {a!r} and {b!r} were evaluated on different prompts")
+        gaps = hv_a - hvs(cube_b[:, :1] if b in preference_free else cube_b)
+        out[b] = {
+            "gap": float(gaps[0]),
+            "low": float(np.quantile(gaps[1:], 0.025)),
+            "high": float(np.quantile(gaps[1:], 0.975)),
+            "p_a_below": float((gaps[1:] < 0).mean()),
+        }
+    return out
 
 
 def win_rate(rows: Sequence[dict], objectives: Sequence[str], a: str, b: str) -> float:

@@ -342,10 +342,10 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
     t0 = time.perf_counter()
     routers, router_info = [], {}
     anchors = np.stack([e.anchor for e in experts])
-    names = [e.name for e in experts]
     ideal = _own_means(vertex_rows, cfg.objectives)  # z*: each single expert's own reward (val)
     for spec in cfg.routers:
-        subset = [experts[i].name for i in nearest_experts(np.array(spec.anchor), anchors, spec.k)]
+        nearest = nearest_experts(np.array(spec.anchor), anchors, spec.k)
+        subset = [experts[i].name for i in nearest]
         info = {}
         for scal in ["tchebycheff", "linear"] if cfg.ablation_linear and spec.ablation else ["tchebycheff"]:
             settings = {k: v for k, v in asdict(spec).items() if k != "ablation"}
@@ -358,8 +358,7 @@ def build(cfg: RecipeConfig, out_dir: str | Path, work_dir: str | Path | None = 
             else:
                 hoe = HoEModel(bb.model, cfg.objectives, experts, [router])
                 if spec.init == "anchor":  # start from the interpolation the router must beat
-                    prior = route(np.array(spec.anchor), anchors[[names.index(x) for x in subset]])
-                    hoe.set_router_prior(0, prior)
+                    hoe.set_router_prior(0, route(np.array(spec.anchor), anchors[nearest]))
                 training_cfg = type(spec.training)(**{**asdict(spec.training), "scalarization": scal})
                 summary = train_router(
                     hoe, tok, 0, [p for _, p in train], rewards, norms, training_cfg, ideal=ideal
