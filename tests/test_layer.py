@@ -234,6 +234,29 @@ def test_inference_kernels_equal_the_reference_path(weights):
             assert_close(got, base(x).detach())
 
 
+def test_hooks_on_the_base_linear_still_run_on_the_inference_path():
+    """The kernel calls the base's ``forward`` directly only while nothing hooks it; a
+    hook (accelerate's offload, a probe) must see every call and shape the output."""
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(4)
+    base = torch.nn.Linear(8, 6)
+    factors = [(torch.randn(6, 2), torch.randn(2, 8))]
+    layer = HoELinear(base, "x", factors)
+    x = torch.randn(1, 3, 8)
+    with use_routing(torch.tensor([[1.0]])), torch.no_grad():
+        plain = layer(x).clone()
+        calls = []
+        handle = base.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+        hooked = layer(x)
+        handle.remove()
+        again = layer(x)
+    delta = plain - base(x).detach()
+    assert len(calls) == 1
+    assert_close(hooked, 2 * base(x).detach() + delta)
+    assert_close(again, plain)
+
+
 def test_inference_kernel_follows_a_gate_update_inside_one_routing_block():
     from hoe_core.routing.context import use_routing
 

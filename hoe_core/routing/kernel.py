@@ -7,12 +7,13 @@ at once (at batch 1 the cost is the number of small ops, not their FLOPs)::
     x (B, T, in) ─► [A_q; A_k; A_v; W_rho,q; ...] x + b  ─► h (B, T, R) | z (B, T, S)
                                                                           │ softmax per router
     g = g_fixed + softmax(z) M   (B, T, R)  ◄─────────────────────────────┘
-    y_q = base_q(x) + (h * g)[..., R_q] B_q^T   (one addmm per member; likewise k, v)
+    y_q = base_q(x) + (h * g)[:, R_q] B_q^T   (one in-place addmm_ per member; likewise k, v)
 
 The first member called computes the group's gated h and keeps it with the input it came
 from; the others reuse it while they are called with that same tensor (HF calls q, k and v
 on one ``hidden_states``). Without live routers and with one batch row the weights fold
-into A: per group one matmul, then one addmm per member.
+into A: per group one matmul, then one addmm per member. The delta is accumulated into
+the base's fresh output in place (no copy of y).
 
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request); the weights they stack are cached per group and active set, so a preference
@@ -158,15 +159,17 @@ class Kernel:
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
 
     def __post_init__(self) -> None:
-        self.equal_sizes = len(set(self.sizes)) == 1
+        sizes = list(self.sizes)
+        self.split = [self.n_rank, sum(sizes)]
+        self.block = (len(sizes), sizes[0]) if sizes and len(set(sizes)) == 1 else None
 
     def current(self) -> bool:
         """False once a gate changed in place (an optimiser step) since this kernel was built."""
         return all(t._version == v for t, v in self.versions)
 
     def hidden(self, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor | None:
-        """The group's gated low-rank activations h * g (B, T, R) for input ``x`` (x3 = x as
-        (B, T, in)); None when no expert is active."""
+        """The group's gated low-rank activations h * g as (B*T, R) for input ``x`` (x3 = x
+        as (B, T, in)); None when no expert is active."""
         last_x, last_version, last = self._last
         if last_x is x and last_version == x._version:
             return last
@@ -175,31 +178,35 @@ class Kernel:
         xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
         if self.maps is not None:
-            z = h[..., self.n_rank :]  # (B, T, S) gate logits
-            h = h[..., : self.n_rank]
-            if len(self.sizes) == 1:
-                probs = torch.softmax(z, -1)
-            elif self.equal_sizes:  # one softmax over every gate block
-                probs = torch.softmax(z.unflatten(-1, (len(self.sizes), self.sizes[0])), -1).flatten(-2)
+            h, z = h.split(self.split, -1)  # (B, T, R), (B, T, S) gate logits
+            if self.block:  # gate blocks of one size: one softmax over a view
+                bsz, seq = z.shape[0], z.shape[1]
+                probs = torch.softmax(z.view(bsz, seq, *self.block), -1).view(bsz, seq, -1)
             else:
                 probs = torch.cat([torch.softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
             h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
         elif self.g_fixed is not None:
             h = h * self.g_fixed
+        h = h.view(-1, h.shape[-1])  # (B*T, R): every path above leaves h contiguous
         if self.shared:
             self._last = (x, x._version, h)
         return h
 
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + h[..., span] B^T for member ``slot``; y (..., out) its base output."""
+        """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)
+        its base output, accumulated in place when it is a fresh contiguous tensor."""
         b_t = self.b_ts[slot]
         if b_t is None:
             return y
-        lo, hi = self.spans[slot]
-        h = h.reshape(-1, h.shape[-1])[:, lo:hi] if self.shared else h.reshape(-1, hi - lo)  # (B*T, R_m)
+        if self.shared:
+            lo, hi = self.spans[slot]
+            h = h[:, lo:hi]  # (B*T, R_m)
         if y.dtype != b_t.dtype:
             return y + (h @ b_t).view(y.shape).to(y.dtype)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, b_t).view(y.shape)
+        if y.requires_grad or not y.is_contiguous():
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h, b_t).view(y.shape)
+        y.view(-1, y.shape[-1]).addmm_(h, b_t)  # no copy of y: the base just made it
+        return y
 
 
 def group_siblings(layers: dict) -> None:

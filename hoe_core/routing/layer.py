@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from hoe_core.routing.context import RoutePlan, current_routing
 from hoe_core.routing.kernel import SiblingGroup
@@ -163,8 +164,16 @@ class HoELinear(nn.Module):
         if kernel is None or (kernel.versions and not kernel.current()):
             kernel = routing.kernels[key] = self.group.kernel(routing, x3)
         h = kernel.hidden(x, x3)
-        y = self.base(x)
+        y = self._base_call(x)
         return y if h is None else kernel.add_delta(self.slot, h, y)
+
+    def _base_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen linear's output; its ``forward`` directly when nothing hooks it (one
+        ``Module.__call__`` less per layer and token)."""
+        base = self.base
+        if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
+            return base(x)
+        return base.forward(x)
 
     def _forward_trainable(self, x: torch.Tensor, x3: torch.Tensor, routing) -> torch.Tensor:
         y = self.base(x)
@@ -196,6 +205,11 @@ class _Active:
     b_t: torch.Tensor  # (R_a, out), contiguous: the inference kernels' right factor
     owner: torch.Tensor  # (R_a,) expert of each rank row
     maps: dict[int, torch.Tensor]  # active router p -> (|S_p|, R_a) one-hot
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks are registered globally (``register_module_forward_hook``)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def _device_of(module: nn.Module) -> torch.device:
