@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -225,12 +226,28 @@ def model_kwargs(precision: str, device: str) -> dict:
 
     compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if precision == "int8":
+        _quiet_int8_cast_warning()
         quant = BitsAndBytesConfig(load_in_8bit=True)
     else:
         quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
     return {"quantization_config": quant, "dtype": compute, "device_map": device}
+
+
+class _DropInt8Cast(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every int8
+    matmul (hundreds per token) when activations are fp32, as they are on CPU: expected,
+    not actionable, and the log I/O slows decoding."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_warning() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8Cast) for f in log.filters):
+        log.addFilter(_DropInt8Cast())
 
 
 def load_backbone(

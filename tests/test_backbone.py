@@ -61,3 +61,20 @@ def test_packaged_smollm2_loads_at_fp32_and_nf4_with_one_fingerprint():
         out = fp32.model.generate(**enc, **generate_kwargs(DecodingConfig(max_new_tokens=12), fp32.tokenizer))
     text = fp32.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_int8_silences_only_the_per_matmul_cast_warning_of_bitsandbytes(caplog):
+    import logging
+
+    from hoe_core.backbone import model_kwargs
+
+    model_kwargs("int8", "cpu")
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning(
+            "MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32"
+        )
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    model_kwargs("int8", "cpu")  # idempotent: one filter
+    assert sum(type(f).__name__ == "_DropInt8Cast" for f in log.filters) == 1

@@ -161,7 +161,10 @@ class HoELinear(nn.Module):
         # inference (no router being trained): the group's per-call kernel, built on first use
         key = (self.group, x3.shape[0])
         kernel = routing.kernels.get(key)
-        if kernel is None or (kernel.versions and not kernel.current()):
+        # a gate changed in place since the kernel was built (an optimiser step between two
+        # forwards of one routing block): the group's first member (q, gate: HF calls it
+        # first) rebuilds, its siblings then read the new kernel
+        if kernel is None or (self.slot == 0 and kernel.versions and not kernel.current()):
             kernel = routing.kernels[key] = self.group.kernel(routing, x3)
         h = kernel.hidden(x, x3)
         y = self._base_call(x)
