@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup browser demo test lint format fronts
+.PHONY: setup browser demo test lint format fronts bench fidelity
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,17 @@ format: setup
 # precomputed_fronts/smollm2-hhh from the shipped bundle (long: resumable, see its README)
 fronts: setup
 	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh
+
+# bench/results.md: every method at every precision, one process (~30 min on 2 CPU cores)
+bench: setup
+	$(BIN)/python -m hoe_core bench --bundle assets/smollm2-hhh --md bench/results.md --json bench/results.json
+
+# bench/fidelity.md: HoE's rewards at bf16 / int8 / nf4 against fp32, answer by answer, on the
+# prompts and grid of precomputed_fronts (bf16 and int8 generated here, ~30 min, resumable)
+FRONTS := precomputed_fronts/smollm2-hhh
+fidelity: setup
+	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh --max-prompts 16 --grid 5 \
+	  --max-new-tokens 48 --batch-size 16 --precisions bf16,int8 --methods hoe --out bench/fidelity
+	$(BIN)/python -m hoe_core.evaluation.fidelity --front fp32=$(FRONTS)/front-fp32.csv \
+	  --front nf4=$(FRONTS)/front-nf4.csv --front bf16=bench/fidelity/front-bf16.csv \
+	  --front int8=bench/fidelity/front-int8.csv --md bench/fidelity.md

@@ -190,3 +190,6 @@ def test_fronts_readme_says_when_the_prompts_do_not_separate_hoe_from_a_baseline
     assert "HoE's hypervolume is the highest; its steerability is under 0.8 for b." in text
     assert "includes 0 against `rs`: more prompts" in text and "`mod`:" not in text
     assert "+0.100 [-0.300, +0.400]" in text
+    alone = {**summary, "methods": {"hoe": summary["methods"]["hoe"]}, "hv_gap": {}, "win_rate": {}}
+    text = readme("b", {"int8": alone}, "cmd", 8, 3)
+    assert "the highest" not in text and "HoE's hypervolume is 2.000 (no other method in this run)" in text

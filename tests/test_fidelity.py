@@ -61,6 +61,7 @@ def test_cli_writes_the_table_and_rejects_bad_front_arguments(tmp_path, capsys):
     md = tmp_path / "fid.md"
     assert fid.main([f"--front=fp32={paths['fp32']}", f"--front=bf16={paths['bf16']}", "--md", str(md)]) == 0
     assert "| bf16 | 12 |" in md.read_text() and "+0.100" in capsys.readouterr().out
+    assert "Command: `python -m hoe_core.evaluation.fidelity --front=fp32=" in md.read_text()
     for bad in ("fp32", f"fp32={tmp_path / 'missing.csv'}"):
         with pytest.raises(SystemExit):
             fid.main(["--front", bad])

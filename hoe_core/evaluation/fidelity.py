@@ -18,6 +18,7 @@ the real reward models on real generations.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,7 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     print(table, end="")
     if args.md:
-        args.md.write_text(table, encoding="utf-8")
+        command = " ".join(
+            ["python -m hoe_core.evaluation.fidelity", *(sys.argv[1:] if argv is None else argv)]
+        )
+        args.md.write_text(
+            f"# Reward fidelity of `{args.method}` against {args.reference}\n\n"
+            f"Command: `{command}`\n\n"
+            "Per precision, over the (preference, prompt) cells shared with the reference: the "
+            "front's hypervolume; per objective the mean reward shift with a 95% t-interval and "
+            "the mean absolute change of single answers (normalised units); the share of "
+            "identical answer texts. Greedy decoding diverges at the first differing token, so "
+            "few texts stay identical even when the reward distribution does not move.\n\n" + table,
+            encoding="utf-8",
+        )
     return 0
 
 

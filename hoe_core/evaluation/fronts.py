@@ -70,12 +70,16 @@ def readme(bundle: str, summaries: dict[str, dict], command: str, n_prompts: int
                 if m != "hoe" and v["hypervolume"] > methods["hoe"]["hypervolume"]
             ]
             low = [o for o, rho in (methods["hoe"]["steerability"] or {}).items() if rho < 0.8]
-            parts.append(
-                (
-                    "HoE's hypervolume is below " + ", ".join(f"`{m}`" for m in above)
-                    if above
-                    else "HoE's hypervolume is the highest"
+            if above:
+                ranking = "HoE's hypervolume is below " + ", ".join(f"`{m}`" for m in above)
+            elif len(methods) > 1:
+                ranking = "HoE's hypervolume is the highest"
+            else:  # nothing to rank against (a HoE-only run, e.g. the precision fidelity fronts)
+                ranking = (
+                    f"HoE's hypervolume is {methods['hoe']['hypervolume']:.3f} (no other method in this run)"
                 )
+            parts.append(
+                ranking
                 + (
                     f"; its steerability is under 0.8 for {', '.join(low)}."
                     if low
