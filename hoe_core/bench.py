@@ -466,6 +466,9 @@ def machine_info() -> dict:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """All precisions; returns the results dict (see :func:`markdown_report`)."""
+    from hoe_core.bundle import provenance
+
+    prov = provenance()  # the code measured: taken before the run, whatever is checked out after
     start = time.perf_counter()
     bandwidth = memory_bandwidth(cfg.bandwidth_mib)
     log(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
@@ -481,6 +484,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return {
         "config": asdict(cfg),
         "machine": machine_info(),
+        "code": {"git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"]},
         "bandwidth_gbs": bandwidth,
         "seconds": round(time.perf_counter() - start, 1),
         "precisions": [
@@ -536,6 +540,16 @@ def _fmt(value, spec: str = ".1f", none: str = "–") -> str:
     return none if value is None else format(value, spec)
 
 
+def _code_line(code: dict) -> str:
+    commit = code.get("git_commit")
+    if not commit:
+        return "Code: not a git checkout.  "
+    state = {True: "uncommitted changes in hoe_core/ or configs/", False: "clean tree"}.get(
+        code.get("git_dirty"), "state unknown"
+    )
+    return f"Code: commit {commit[:10]} ({state}).  "
+
+
 def markdown_report(results: dict, command: str) -> str:
     """``bench/results.md``: machine, command, one table per precision, the targets."""
     m = results["machine"]
@@ -547,6 +561,7 @@ def markdown_report(results: dict, command: str) -> str:
         f"{m.get('memory_gib', '?')} GiB, {m['platform']}; torch {m['torch']}, transformers {m['transformers']}"
         + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
         + ".  ",
+        _code_line(results.get("code") or {}),
         f"Memory bandwidth (tensor copy): {results['bandwidth_gbs']:.1f} GB/s. "
         f"Run took {results['seconds']:.0f} s.  ",
         f"Settings: {results['config']['new_tokens']} new tokens (greedy, EOS suppressed), batch "

@@ -44,6 +44,8 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
     report = markdown_report(results, "python -m hoe_core bench --test")
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
+    code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
+    assert code["git_commit"] is None or f"Code: commit {code['git_commit'][:10]} (" in report
 
 
 def test_bench_config_rejects_bad_settings():
@@ -116,3 +118,20 @@ def test_mod_min_new_tokens_suppresses_eos(pico_bundle):
     assert len(steps) == 5
     eos = loaded.backbone.tokenizer.eos_token_id
     assert not (steps[-1] == eos).any()
+
+
+@pytest.mark.parametrize(
+    "code, line",
+    [
+        ({"git_commit": "0123456789abcdef", "git_dirty": False}, "Code: commit 0123456789 (clean tree)."),
+        (
+            {"git_commit": "0123456789abcdef", "git_dirty": True},
+            "(uncommitted changes in hoe_core/ or configs/).",
+        ),
+        ({"git_commit": None, "git_dirty": None}, "Code: not a git checkout."),
+    ],
+)
+def test_the_report_names_the_code_it_measured(code, line):
+    from hoe_core.bench import _code_line
+
+    assert line in _code_line(code)
