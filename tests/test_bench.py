@@ -135,3 +135,29 @@ def test_the_report_names_the_code_it_measured(code, line):
     from hoe_core.bench import _code_line
 
     assert line in _code_line(code)
+
+
+def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
+    """Their ratio is a target: single-stream and switch runs alternate between the two, so
+    a shared machine's drift lands on both (batched runs follow, one method at a time)."""
+    import hoe_core.bench as bench
+
+    real, calls = bench._generate_timed, []
+
+    def spy(model, enc, new_tokens, routing):
+        calls.append((model, enc["input_ids"].shape[0], new_tokens))
+        return real(model, enc, new_tokens, routing)
+
+    monkeypatch.setattr(bench, "_generate_timed", spy)
+    cfg = BenchConfig(
+        bundle=str(pico_bundle), precisions=("fp32",), methods=("hoe",), new_tokens=3, batch=2, repeats=2
+    )
+    run_bench(cfg, log=lambda *_: None)
+    models = list(dict.fromkeys(m for m, _, _ in calls))
+    assert len(models) == 2  # the bare backbone, then HoE's model
+    single = [models.index(m) for m, rows, n in calls if rows == 1 and n == 3]
+    switch = [models.index(m) for m, rows, n in calls if rows == 1 and n == 2]
+    assert single == [0, 1] * 3  # a warm-up round, then 2 repeats
+    assert switch == [0, 1] * 4  # lambda2, lambda, twice
+    batched = [models.index(m) for m, rows, _ in calls if rows == 2]
+    assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other

@@ -322,7 +322,7 @@ def test_a_preference_change_reuses_the_stacked_weights(pico_model, three_expert
     for pref in ([0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]):
         with torch.no_grad(), hoe.routing([pref]):
             outs.append(hoe.model(ids).logits)
-    assert len(layer.group.fused) == 1  # same active set: stacked once
+    assert len(layer.group.stacks) == 1  # same active set: stacked once
     assert len(layer.group.kernels) == 2  # one kernel per preference, reused on the way back
     assert_close(outs[0], outs[2])
     assert (outs[0] - outs[1]).abs().max() > 1e-6

@@ -25,9 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
+import numpy as np
 import torch
 
-_FUSED_CACHE = 8  # stacked weights kept per group (one per recent active set)
+from hoe_core.routing import fused_cpu
+
+_CACHE_SIZE = 8  # stacked weights kept per group (one per recent active set)
 
 
 class SiblingGroup:
@@ -35,7 +38,7 @@ class SiblingGroup:
 
     def __init__(self, members: list) -> None:
         self.members = members
-        self.fused: dict = {}  # (plan key, device, gate versions) -> _Stacked
+        self.stacks: dict = {}  # (plan key, device, gate versions) -> _Stacked
         self.kernels: dict = {}  # (weights, plan key, device, gate versions) -> Kernel, recent preferences
         for slot, m in enumerate(members):
             m.group, m.slot = self, slot
@@ -50,11 +53,18 @@ class SiblingGroup:
         kernel = self.kernels.get(key)
         if kernel is None:
             kernel = self.kernels[key] = self._build(plan, stacked, x.shape[0])
-            while len(self.kernels) > _FUSED_CACHE:
+            while len(self.kernels) > _CACHE_SIZE:
                 self.kernels.pop(next(iter(self.kernels)), None)
         return replace(kernel)
 
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
+        kernel = self._build_torch(plan, stacked, batch)
+        w = kernel.weight
+        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and fused_cpu.available():
+            kernel.fused = fused_cpu.FusedGroup(kernel)  # decode steps: one compiled call per group
+        return kernel
+
+    def _build_torch(self, plan, stacked: _Stacked, batch: int) -> Kernel:
         versions = tuple((t, t._version) for t in stacked.gate_params)
         shared = len(self.members) > 1
         out = (stacked.b_ts, stacked.spans, versions, shared)
@@ -84,11 +94,11 @@ class SiblingGroup:
         routers = [p for p, _ in plan.routers]
         params = [t for m in self.members for p in routers for t in (m.gates[p].weight, m.gates[p].bias)]
         key = (plan.key, plan.device, tuple(t._version for t in params))
-        stacked = self.fused.get(key)
+        stacked = self.stacks.get(key)
         if stacked is None:
-            stacked = self.fused[key] = self._stack(plan, routers)
-            while len(self.fused) > _FUSED_CACHE:  # a few recent plans (users at different preferences)
-                self.fused.pop(next(iter(self.fused)), None)
+            stacked = self.stacks[key] = self._stack(plan, routers)
+            while len(self.stacks) > _CACHE_SIZE:  # a few recent plans (users at different preferences)
+                self.stacks.pop(next(iter(self.stacks)), None)
         return stacked
 
     def _stack(self, plan, routers: list[int]) -> _Stacked:
@@ -156,6 +166,7 @@ class Kernel:
     spans: list[tuple[int, int]]  # per member its columns of h
     versions: tuple  # (gate tensor, its version when stacked)
     shared: bool  # several members: keep the last h for the siblings
+    fused: fused_cpu.FusedGroup | None = None  # float32 CPU: compiled calls for small inputs
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
 
     def __post_init__(self) -> None:
@@ -175,6 +186,11 @@ class Kernel:
             return last
         if self.weight is None:
             return None
+        if self.fused is not None and self.fused.accepts(x3):
+            h = self.fused.hidden(x3)  # (B*T, R) numpy, for this kernel's add_delta only
+            if self.shared:
+                self._last = (x, x._version, h)
+            return h
         xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
         if self.maps is not None:
@@ -195,6 +211,8 @@ class Kernel:
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)
         its base output, accumulated in place when it is a fresh contiguous tensor."""
+        if type(h) is np.ndarray:
+            return self.fused.add_delta(slot, h, y)
         b_t = self.b_ts[slot]
         if b_t is None:
             return y

@@ -103,7 +103,7 @@ class HoELinear(nn.Module):
         self.subsets.append(list(subset))
         self.gates.append(gate)
         self._cache.clear()
-        self.group.fused.clear()
+        self.group.stacks.clear()
         self.group.kernels.clear()
         return gate
 

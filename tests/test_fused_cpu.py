@@ -1,0 +1,120 @@
+"""The compiled CPU kernels (numba) against the math and against the torch path."""
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hoe_core.routing import fused_cpu
+from hoe_core.routing.context import use_routing
+from hoe_core.routing.layer import HoELinear
+
+
+@pytest.fixture(autouse=True)
+def _fused_on(monkeypatch):
+    monkeypatch.delenv("HOE_FUSED_CPU", raising=False)  # on by default; numba is a requirement
+    assert fused_cpu.numba is not None
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(("batch", "seq", "sizes"), [(1, 1, [3, 3, 3]), (2, 2, [2, 4]), (3, 1, [5])])
+def test_gated_hidden_is_the_mixture_formula(batch, seq, sizes):
+    rng = np.random.default_rng(0)
+    n_rank, n_in, s = 7, 13, sum(sizes)
+    x = rng.standard_normal((batch * seq, n_in)).astype(np.float32)
+    w = rng.standard_normal((n_rank + s, n_in)).astype(np.float32)
+    b = rng.standard_normal(n_rank + s).astype(np.float32)
+    g_fixed = rng.random((batch, n_rank)).astype(np.float32)
+    maps = rng.random((batch, s, n_rank)).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    h = np.empty((batch * seq, n_rank), np.float32)
+    fused_cpu.gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
+    out = x.astype(np.float64) @ w.T + b  # (n, R + S)
+    for i in range(batch * seq):
+        row = i // seq
+        z = out[i, n_rank:]
+        probs = np.concatenate([_softmax(z[lo:hi]) for lo, hi in zip(starts[:-1], starts[1:])])
+        want = out[i, :n_rank] * (g_fixed[row] + probs @ maps[row])
+        np.testing.assert_allclose(h[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_static_hidden_and_add_low_rank_are_matmuls():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 9)).astype(np.float32)
+    g = rng.random((2, 6)).astype(np.float32)
+    h = np.empty((4, 6), np.float32)
+    fused_cpu.static_hidden(x, w, g, 2, h)  # rows 0, 1 -> batch row 0; 2, 3 -> 1
+    np.testing.assert_allclose(h, (x @ w.T) * np.repeat(g, 2, 0), rtol=1e-5, atol=1e-5)
+    b_t = rng.standard_normal((3, 5)).astype(np.float32)
+    y = rng.standard_normal((4, 5)).astype(np.float32)
+    want = y + h[:, 2:5] @ b_t
+    fused_cpu.add_low_rank(h, 2, 5, b_t, y)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def _layer(seed=2):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(16, 12)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
+    routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([0, 1, 2], torch.randn(3, 16), torch.randn(3))]
+    return HoELinear(base, "x", factors, routers=routers)
+
+
+def _spy(monkeypatch):
+    calls = []
+    for name in ("gated_hidden", "static_hidden", "add_low_rank"):
+        real = getattr(fused_cpu, name)
+        monkeypatch.setattr(fused_cpu, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [[0.2, 0.0, 0.1, 0.3, 0.4]],  # routers of two block sizes
+        [[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.0, 0.5]],  # rows differ
+        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # experts only: folded into A
+        [[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]],  # experts only, rows differ
+    ],
+)
+def test_decode_steps_take_the_fused_path_and_equal_the_torch_path(monkeypatch, weights):
+    w = torch.tensor(weights)
+    x = torch.randn(w.shape[0], 1, 16)
+    with use_routing(w), torch.no_grad():
+        calls = _spy(monkeypatch)
+        got = _layer()(x)
+    assert calls and calls[-1] == "add_low_rank"
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    with use_routing(w), torch.no_grad():
+        calls.clear()
+        want = _layer()(x)
+    assert not calls
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_and_other_dtypes_stay_on_torch(monkeypatch):
+    calls = _spy(monkeypatch)
+    layer = _layer()
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    with use_routing(w), torch.no_grad():
+        layer(torch.randn(1, fused_cpu.MAX_ROWS + 1, 16))  # a prompt: torch's GEMMs
+        assert not calls
+        wide = layer.base.register_forward_hook(lambda m, i, o: o.double())  # the base returns float64
+        x = torch.randn(1, 1, 16)
+        got = layer(x)
+        wide.remove()
+    assert got.dtype == torch.float64
+    assert calls == ["gated_hidden"]  # h fused; the delta added by torch in the base's dtype
+    with use_routing(w):
+        want = layer(x)  # the differentiable reference
+    assert_close(got, want.detach().double(), atol=1e-5, rtol=1e-5)
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    assert not fused_cpu.available()
