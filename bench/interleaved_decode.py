@@ -1,9 +1,11 @@
 """Token-interleaved decode A/B: the bare backbone and HoE, one decode step of each in turn.
 
-The main bench (``python -m hoe_core bench``) times each method in its own window, so slow
-drift of a shared machine lands on one method only. Here both models decode the same prompt
-step by step, alternating every token (each with its own KV cache, refreshed every 32
-tokens), so drift hits both alike and the ratio of the medians is robust.
+The main bench (``python -m hoe_core bench``) interleaves whole ``generate`` runs of the
+backbone and HoE. Here the models decode the same prompt step by step, alternating every
+token (each with its own KV cache, refreshed every 32 tokens), so drift hits them alike and
+the ratio of the medians is robust; only the model's forward is timed. A third arm runs
+HoE with the fused CPU kernels (``hoe_core/routing/fused_cpu.py``) turned off, to measure
+what they save.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/interleaved_decode.py \\
         --precisions fp32,bf16,int8,nf4 --preference 0.4,0.3,0.3 --steps 96
@@ -48,18 +50,24 @@ def stepper(model, enc: dict, ctx):
 
 
 def ab(bundle: str, precision: str, preference: list[float], steps: int) -> dict:
-    """Median ms per decoded token of the bare backbone and of HoE, interleaved per token."""
+    """Median ms per decoded token of the bare backbone, HoE, and HoE with the fused CPU
+    kernels turned off (torch ops only), interleaved per token."""
     loaded = load_bundle(bundle, precision=precision, device="cpu")
     hoe, tok = loaded.hoe, loaded.backbone.tokenizer
     bare = load_backbone(loaded.manifest.backbone["spec"], precision, "cpu", base_dir=loaded.root).model
     enc = encode_chat(tok, [BENCH_PROMPTS[0]], "cpu")
-    routing = Routing(weights=hoe.anchor_weights([preference]))  # one per run: kernels built once
-    times: dict[str, list[float]] = {"backbone": [], "hoe": []}
+    weights = hoe.anchor_weights([preference])
+    routing = Routing(weights=weights)  # one per run: kernels built once
+    unfused = Routing(weights=weights)  # the same mixture on torch ops only
+    times: dict[str, list[float]] = {"backbone": [], "hoe": [], "hoe_torch": []}
     while len(times["hoe"]) < steps:
         steps_of = {
             "backbone": stepper(bare, enc, nullcontext),
             "hoe": stepper(hoe.model, enc, lambda: activate(routing)),
+            "hoe_torch": stepper(hoe.model, enc, lambda: activate(unfused)),
         }
+        for kernel in unfused.kernels.values():  # built by the prefill; this routing's copies only
+            kernel.fused = None
         for _ in range(32):
             for name, step in steps_of.items():
                 times[name].append(step())
@@ -68,7 +76,9 @@ def ab(bundle: str, precision: str, preference: list[float], steps: int) -> dict
         "precision": precision,
         "backbone_ms": med["backbone"],
         "hoe_ms": med["hoe"],
+        "hoe_torch_ms": med["hoe_torch"],
         "ratio": med["backbone"] / med["hoe"],
+        "ratio_torch": med["backbone"] / med["hoe_torch"],
     }
 
 
@@ -81,10 +91,17 @@ def main() -> None:
     args = p.parse_args()
     pref = [float(v) for v in args.preference.split(",")]
     print(f"preference {pref}, {args.steps} interleaved steps, torch threads {torch.get_num_threads()}")
-    print("| precision | backbone ms/token | HoE ms/token | HoE / backbone tok/s |\n|---|---|---|---|")
+    print(
+        "| precision | backbone ms/token | HoE ms/token | HoE / backbone tok/s "
+        "| HoE, torch ops only, ms/token | its ratio |\n|---|---|---|---|---|---|"
+    )
     for precision in args.precisions.split(","):
         r = ab(args.bundle, precision, pref, args.steps)
-        print(f"| {precision} | {r['backbone_ms']:.1f} | {r['hoe_ms']:.1f} | {r['ratio']:.2f} |", flush=True)
+        print(
+            f"| {precision} | {r['backbone_ms']:.1f} | {r['hoe_ms']:.1f} | {r['ratio']:.2f} "
+            f"| {r['hoe_torch_ms']:.1f} | {r['ratio_torch']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

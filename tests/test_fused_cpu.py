@@ -57,12 +57,42 @@ def test_static_hidden_and_add_low_rank_are_matmuls():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-def _layer(seed=2):
+def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
+
+
+def _from_bits(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+
+
+def test_bfloat16_outputs_are_summed_in_float32_and_rounded_to_nearest_even():
+    h = np.array([[1.0, 2.0**-8, 2.0**-8 + 2.0**-10, -3.0]], np.float32)
+    b_t = np.eye(4, dtype=np.float32)  # y[o] += h[o]
+    y = _bf16_bits(torch.tensor([[1.0, 1.0, 1.0, 0.5]]))
+    fused_cpu.add_low_rank(h, 0, 4, _bf16_bits(torch.from_numpy(b_t)), y)
+    got = _from_bits(y)
+    want = (torch.tensor([[1.0, 1.0, 1.0, 0.5]]) + torch.from_numpy(h)).to(torch.bfloat16)  # torch rounds RNE
+    assert torch.equal(got, want)
+    assert got[0, 1] == 1.0 and got[0, 2] == 1.0 + 2.0**-7  # a tie to even; just above it rounds up
+
+
+def test_bfloat16_inputs_and_weights_are_widened_exactly():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((2, 8)).astype(np.float32)).to(torch.bfloat16)
+    w = torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32)).to(torch.bfloat16)
+    g = np.ones((1, 5), np.float32)
+    got, want = np.empty((2, 5), np.float32), np.empty((2, 5), np.float32)
+    fused_cpu.static_hidden(_bf16_bits(x), _bf16_bits(w), g, 2, got)
+    fused_cpu.static_hidden(x.float().numpy(), w.float().numpy(), g, 2, want)  # the same values in float32
+    np.testing.assert_array_equal(got, want)
+
+
+def _layer(seed=2, dtype=torch.float32):
     torch.manual_seed(seed)
-    base = torch.nn.Linear(16, 12)
+    base = torch.nn.Linear(16, 12).to(dtype)
     factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
     routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([0, 1, 2], torch.randn(3, 16), torch.randn(3))]
-    return HoELinear(base, "x", factors, routers=routers)
+    return HoELinear(base, "x", factors, routers=routers, dtype=dtype)
 
 
 def _spy(monkeypatch):
@@ -82,19 +112,22 @@ def _spy(monkeypatch):
         [[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]],  # experts only, rows differ
     ],
 )
-def test_decode_steps_take_the_fused_path_and_equal_the_torch_path(monkeypatch, weights):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_take_the_fused_path_and_equal_the_torch_path(monkeypatch, weights, dtype):
     w = torch.tensor(weights)
-    x = torch.randn(w.shape[0], 1, 16)
+    x = torch.randn(w.shape[0], 1, 16).to(dtype)
     with use_routing(w), torch.no_grad():
         calls = _spy(monkeypatch)
-        got = _layer()(x)
+        got = _layer(dtype=dtype)(x)
     assert calls and calls[-1] == "add_low_rank"
     monkeypatch.setenv("HOE_FUSED_CPU", "0")
     with use_routing(w), torch.no_grad():
         calls.clear()
-        want = _layer()(x)
+        want = _layer(dtype=dtype)(x)
     assert not calls
-    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == want.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bfloat16: torch rounds every step, we once
+    assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_prefill_and_other_dtypes_stay_on_torch(monkeypatch):

@@ -2,16 +2,19 @@
 
 At decode a group's mixture is a few thousand multiply-adds, and eager torch spends most of
 its time dispatching the ~10 small ops that compute it (on the 2-core CI machine about
-100 us per group against about 12 us for the fused call; ``bench/fused_cpu.md``). For up
-to :data:`MAX_ROWS` rows (B*T: single-stream and small-batch decoding) the float32 CPU
-kernels of :mod:`hoe_core.routing.kernel` run these instead::
+100 us per attention group in situ, against about 45 us fused, most of it reading the
+factors from memory; the whole-model effect is in ``bench/interleaved.md``). For up to
+:data:`MAX_ROWS` rows (B*T: single-stream and small-batch decoding) the CPU kernels of
+:mod:`hoe_core.routing.kernel` run these instead::
 
     gated_hidden:  h[i] = (A x_i) * (g_fixed[b] + sum_p softmax(z_p,i) M[b, p])   one call per group
     add_low_rank:  y[i] += h[i, span] B^T                                        one call per member
 
+float32 and bfloat16 tensors are served (bfloat16 as its uint16 bit patterns, widened to
+float32 row by row; the sums run in float32 and y is rounded to nearest even once).
 Larger inputs (prefill) stay on torch, whose GEMMs win there. The results equal the torch
-path up to float32 rounding (the sums are reassociated); ``tests/test_fused_cpu.py``.
-Set ``HOE_FUSED_CPU=0`` to turn them off (they are also off when numba is missing).
+path up to rounding (the sums are reassociated); ``tests/test_fused_cpu.py``. Set
+``HOE_FUSED_CPU=0`` to turn them off (they are also off when numba is missing).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import torch
 
 try:
     import numba
+    from numba import types
+    from numba.extending import overload
 except ImportError:  # optional: the torch path serves everything
     numba = None
 
 MAX_ROWS = 4  # rows (B*T) up to which the fused kernels run; prefill stays on torch GEMMs
+DTYPES = (torch.float32, torch.bfloat16)  # tensor dtypes the kernels read and write
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; no finite-only assumption
 
 
@@ -39,6 +45,51 @@ def _jit(fn):
     return numba.njit(cache=True, fastmath=_FASTMATH)(fn) if numba is not None else fn
 
 
+# Row access, chosen by dtype when a kernel is compiled: float32 rows are read in place,
+# bfloat16 rows (uint16 bit patterns) are widened into a float32 buffer.
+def as_f32(row, buf):  # pragma: no cover - replaced inside compiled code
+    """``row`` as float32: itself, or its bfloat16 bits widened into ``buf``."""
+    raise NotImplementedError
+
+
+def store_f32(values, row):  # pragma: no cover - replaced inside compiled code
+    """row[:] = values (float32), rounded to bfloat16 (nearest even) when row holds bits."""
+    raise NotImplementedError
+
+
+if numba is not None:
+
+    @overload(as_f32, jit_options={"cache": True})
+    def _as_f32(row, buf):
+        if row.dtype == types.uint16:
+
+            def widen(row, buf):
+                bits = buf.view(np.uint32)
+                for j in range(row.shape[0]):
+                    bits[j] = np.uint32(row[j]) << np.uint32(16)
+                return buf
+
+            return widen
+        return lambda row, buf: row
+
+    @overload(store_f32, jit_options={"cache": True})
+    def _store_f32(values, row):
+        if row.dtype == types.uint16:
+
+            def narrow(values, row):
+                bits = values.view(np.uint32)
+                for j in range(row.shape[0]):
+                    u = bits[j]
+                    row[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16)
+
+            return narrow
+
+        def copy(values, row):
+            row[:] = values
+
+        return copy
+
+
 @_jit
 def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
     """Gated low-rank activations of one group, routers live.
@@ -47,15 +98,20 @@ def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no 
     starts (P + 1,) offsets of the gate blocks in S (one softmax each); g_fixed (B, R) the
     expert anchors' weights per rank row; maps (B, S, R) router weight x one-hot (gate ->
     its expert's rank rows); seq = T (row i belongs to batch row i // T); h (n, R) out.
+    x and w float32 or bfloat16 bits; the rest float32.
     """
     n, n_in = x.shape
     out = np.empty(w.shape[0], np.float32)
+    x_buf = np.empty(n_in, np.float32)
+    w_buf = np.empty(n_in, np.float32)
     for i in range(n):
         row = i // seq
+        xi = as_f32(x[i], x_buf)
         for k in range(w.shape[0]):
+            wk = as_f32(w[k], w_buf)
             acc = np.float32(0.0)
             for j in range(n_in):
-                acc += w[k, j] * x[i, j]
+                acc += wk[j] * xi[j]
             out[k] = acc + b[k]
         for r in range(n_rank):
             h[i, r] = g_fixed[row, r]
@@ -80,47 +136,70 @@ def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no 
 @_jit
 def static_hidden(x, w, g, seq, h):  # pragma: no cover - compiled
     """h[i] = (A x_i) * g[i // seq]: no routers (g = ones when the weights are folded into A).
-    x (n, in), w (R, in), g (B, R), h (n, R) out."""
+    x (n, in), w (R, in) float32 or bfloat16 bits; g (B, R), h (n, R) out float32."""
     n, n_in = x.shape
+    x_buf = np.empty(n_in, np.float32)
+    w_buf = np.empty(n_in, np.float32)
     for i in range(n):
         row = i // seq
+        xi = as_f32(x[i], x_buf)
         for k in range(w.shape[0]):
+            wk = as_f32(w[k], w_buf)
             acc = np.float32(0.0)
             for j in range(n_in):
-                acc += w[k, j] * x[i, j]
+                acc += wk[j] * xi[j]
             h[i, k] = acc * g[row, k]
 
 
 @_jit
 def add_low_rank(h, lo, hi, b_t, y):  # pragma: no cover - compiled
-    """y[i] += h[i, lo:hi] @ b_t, in place. h (n, R), b_t (hi - lo, out), y (n, out)."""
+    """y[i] += h[i, lo:hi] @ b_t, in place, summed in float32. h (n, R) float32; b_t
+    (hi - lo, out) and y (n, out) float32 or bfloat16 bits."""
+    n_out = y.shape[1]
+    acc = np.empty(n_out, np.float32)
+    y_buf = np.empty(n_out, np.float32)
+    b_buf = np.empty(n_out, np.float32)
     for i in range(h.shape[0]):
+        acc[:] = as_f32(y[i], y_buf)
         for r in range(lo, hi):
             c = h[i, r]
-            for o in range(y.shape[1]):
-                y[i, o] += c * b_t[r - lo, o]
+            b_r = as_f32(b_t[r - lo], b_buf)
+            for o in range(n_out):
+                acc[o] += c * b_r[o]
+        store_f32(acc, y[i])
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a float32 tensor, or of a bfloat16 tensor's uint16 bit patterns."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.float().numpy())
 
 
 class FusedGroup:
-    """A kernel's weights as numpy views (shared memory, no copy) and the fused calls.
+    """A kernel's factors as numpy views (shared memory, no copy) and the fused calls.
 
-    Built from a :class:`~hoe_core.routing.kernel.Kernel` whose tensors are float32 on the
-    CPU; the kernel keeps the tensors alive.
+    Built from a :class:`~hoe_core.routing.kernel.Kernel` whose tensors are float32 or
+    bfloat16 on the CPU (the kernel keeps them alive); the small per-preference maps are
+    held as float32 copies.
     """
 
     def __init__(self, kernel) -> None:
-        self.weight = kernel.weight.numpy()  # (R [+ S], in)
+        self.weight = _bits(kernel.weight)  # (R [+ S], in)
         self.n_rank = kernel.n_rank or self.weight.shape[0]
-        self.b_ts = [None if t is None else t.numpy() for t in kernel.b_ts]  # (R_m, out_m)
+        self.b_ts = [None if t is None else _bits(t) for t in kernel.b_ts]  # (R_m, out_m)
+        self.b_ts_torch = kernel.b_ts  # for outputs the kernels do not write
         self.spans = kernel.spans
         if kernel.maps is not None:
-            self.bias = kernel.bias.numpy()
+            self.bias = _f32(kernel.bias)
             self.starts = np.concatenate([[0], np.cumsum(kernel.sizes)]).astype(np.int64)
-            self.g_fixed = np.ascontiguousarray(kernel.g_fixed[:, 0].numpy())  # (B, R)
-            self.maps = np.ascontiguousarray(kernel.maps.numpy())  # (B, S, R)
+            self.g_fixed = _f32(kernel.g_fixed[:, 0])  # (B, R)
+            self.maps = _f32(kernel.maps)  # (B, S, R)
         else:
             g = kernel.g_fixed[:, 0] if kernel.g_fixed is not None else torch.ones(1, self.n_rank)
-            self.g_fixed = np.ascontiguousarray(g.numpy())  # (B, R); ones when folded into A
+            self.g_fixed = _f32(g)  # (B, R); ones when the weights are folded into A
             self.maps = None
 
     @staticmethod
@@ -128,16 +207,16 @@ class FusedGroup:
         """Whether input x3 (B, T, in) goes to the fused path."""
         return (
             x3.shape[0] * x3.shape[1] <= MAX_ROWS
-            and x3.dtype == torch.float32
+            and x3.dtype in DTYPES
             and not x3.requires_grad
             and x3.device.type == "cpu"
             and x3.is_contiguous()
         )
 
     def hidden(self, x3: torch.Tensor) -> np.ndarray:
-        """h (B*T, R) for x3 (B, T, in) accepted by :meth:`accepts`."""
+        """h (B*T, R) float32 for x3 (B, T, in) accepted by :meth:`accepts`."""
         bsz, seq, n_in = x3.shape
-        x = x3.numpy().reshape(bsz * seq, n_in)
+        x = _bits(x3).reshape(bsz * seq, n_in)
         h = np.empty((bsz * seq, self.n_rank), np.float32)
         if self.maps is None:
             static_hidden(x, self.weight, self.g_fixed, seq, h)
@@ -151,8 +230,8 @@ class FusedGroup:
         if b_t is None:
             return y
         lo, hi = self.spans[slot]
-        if y.dtype == torch.float32 and not y.requires_grad and y.is_contiguous():
-            add_low_rank(h, lo, hi, b_t, y.numpy().reshape(h.shape[0], -1))
+        if y.dtype in DTYPES and not y.requires_grad and y.is_contiguous() and y.device.type == "cpu":
+            add_low_rank(h, lo, hi, b_t, _bits(y).reshape(h.shape[0], -1))
             return y
-        delta = torch.from_numpy(h[:, lo:hi] @ b_t)  # (B*T, out)
-        return y + delta.view(y.shape).to(y.dtype)
+        delta = torch.from_numpy(np.ascontiguousarray(h[:, lo:hi])) @ self.b_ts_torch[slot].float()
+        return y + delta.view(y.shape).to(y.dtype)  # (B*T, out) -> y's shape and dtype

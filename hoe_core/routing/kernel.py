@@ -15,6 +15,10 @@ on one ``hidden_states``). Without live routers and with one batch row the weigh
 into A: per group one matmul, then one addmm per member. The delta is accumulated into
 the base's fresh output in place (no copy of y).
 
+On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
+kernels run :mod:`hoe_core.routing.fused_cpu` instead: the group's h in one compiled call
+and each member's delta in another, with the same math.
+
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request); the weights they stack are cached per group and active set, so a preference
 change only recomputes the small (B, S, R) maps.
@@ -60,7 +64,7 @@ class SiblingGroup:
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
         kernel = self._build_torch(plan, stacked, batch)
         w = kernel.weight
-        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and fused_cpu.available():
+        if w is not None and w.device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             kernel.fused = fused_cpu.FusedGroup(kernel)  # decode steps: one compiled call per group
         return kernel
 
@@ -166,7 +170,7 @@ class Kernel:
     spans: list[tuple[int, int]]  # per member its columns of h
     versions: tuple  # (gate tensor, its version when stacked)
     shared: bool  # several members: keep the last h for the siblings
-    fused: fused_cpu.FusedGroup | None = None  # float32 CPU: compiled calls for small inputs
+    fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: compiled calls, small inputs
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
 
     def __post_init__(self) -> None:
