@@ -151,3 +151,11 @@ def test_prefill_and_other_dtypes_stay_on_torch(monkeypatch):
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("HOE_FUSED_CPU", "0")
     assert not fused_cpu.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warm_up_compiles_the_decode_signatures(dtype):
+    fused_cpu.warm_up(dtype)
+    bits = "uint16" if dtype == torch.bfloat16 else "float32"
+    for kernel in (fused_cpu.gated_hidden, fused_cpu.static_hidden, fused_cpu.add_low_rank):
+        assert any(bits in str(sig) for sig in kernel.signatures), kernel

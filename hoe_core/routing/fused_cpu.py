@@ -235,3 +235,18 @@ class FusedGroup:
             return y
         delta = torch.from_numpy(np.ascontiguousarray(h[:, lo:hi])) @ self.b_ts_torch[slot].float()
         return y + delta.view(y.shape).to(y.dtype)  # (B*T, out) -> y's shape and dtype
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's on-disk cache) the kernels for ``dtype`` tensors now, so
+    the first decode step of a served model does not pay for it. A no-op when unavailable."""
+    if not available() or dtype not in DTYPES:
+        return
+    t = torch.zeros(2, 2, dtype=dtype)
+    x, w, y = _bits(t), _bits(t), _bits(t.clone())
+    h = np.zeros((2, 2), np.float32)
+    gate_w, bias = _bits(torch.zeros(3, 2, dtype=dtype)), np.zeros(3, np.float32)
+    starts, maps = np.array([0, 1], np.int64), np.zeros((1, 1, 2), np.float32)
+    gated_hidden(x, gate_w, bias, 2, starts, h[:1].copy(), maps, 2, h)
+    static_hidden(x, w, h, 2, h)
+    add_low_rank(h, 0, 2, w, y)

@@ -25,6 +25,7 @@ import torch
 from hoe_core.bundle import LoadedBundle, load_bundle
 from hoe_core.config import APP_MAX_NEW_TOKENS, DecodingConfig, as_float, as_int
 from hoe_core.generation import clean_prompt, encode_chat, stream
+from hoe_core.routing import fused_cpu
 from hoe_core.routing.preference import normalize_preference
 from hoe_core.ui.fronts import Fronts, find_fronts
 
@@ -69,6 +70,9 @@ class Session:
 
         start = time.perf_counter()
         loaded = load_bundle(bundle, precision=precision, device=device)
+        layer = next(iter(loaded.hoe.layers.values()), None)
+        if layer is not None and layer.lora_A.device.type == "cpu":
+            fused_cpu.warm_up(layer.lora_A.dtype)  # compile the decode kernels before the first request
         rewards, normalizers = bundle_rewards(loaded.manifest) if with_rewards else (None, None)
         fronts = None
         if fronts_dir is not None and Path(fronts_dir).is_dir():
