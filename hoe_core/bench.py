@@ -64,6 +64,7 @@ class BenchConfig:
     new_tokens: int = 32
     batch: int = 8
     repeats: int = 3
+    pair_repeats: int = 9  # rounds of backbone vs HoE, timed interleaved (their ratios are targets)
     device: str = "cpu"
     bandwidth_mib: int = 256  # copy benchmark buffer
 
@@ -76,7 +77,7 @@ class BenchConfig:
             raise ValueError(
                 f"unknown bench methods {unknown}; choose from hoe, mod, rs, merge-ties, merge-ta"
             )
-        for name in ("new_tokens", "batch", "repeats"):
+        for name in ("new_tokens", "batch", "repeats", "pair_repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -316,15 +317,16 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
         preference change, timed from ``prepare`` -- route / re-merge -- to the first token),
         then batched decode. Methods passed together are interleaved run by run in the first
         two phases, so a shared machine's drift hits them alike (their ratios are targets)."""
+        rounds = cfg.pair_repeats if len(methods) > 1 else cfg.repeats
         ctxs = {m.name: m.prepare(lam, 1)[0] for m in methods}
         singles: dict[str, list[Timing]] = {m.name: [] for m in methods}
-        for i in range(cfg.repeats + 1):  # round 0 warms up
+        for i in range(rounds + 1):  # round 0 warms up
             for m in methods:
                 t = _generate_timed(m.model, single, cfg.new_tokens, ctxs[m.name])
                 if i:
                     singles[m.name].append(t)
         switches: dict[str, list[tuple[float, float]]] = {m.name: [] for m in methods}
-        for target in [lam2, lam] * cfg.repeats:
+        for target in [lam2, lam] * rounds:
             for m in methods:
                 ctx, overhead = m.prepare(target, 1)
                 first = _generate_timed(m.model, single, 2, ctx).first_token_s
@@ -604,7 +606,8 @@ def markdown_report(results: dict, command: str) -> str:
         f"Settings: {results['config']['new_tokens']} new tokens (greedy, EOS suppressed), batch "
         f"{results['config']['batch']}, preference {list(results['config']['preference'])} "
         f"(switch to {list(results['config']['switch_to'])}); medians of {results['config']['repeats']} runs after "
-        "a warm-up; ratios are within this one run.",
+        f"a warm-up (backbone and HoE: {results['config'].get('pair_repeats', results['config']['repeats'])} "
+        "rounds, interleaved run by run); ratios are within this one run.",
         "",
     ]
     for p in results["precisions"]:

@@ -184,6 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         batch=args.batch,
         repeats=args.repeats,
+        pair_repeats=args.pair_repeats,
         device=args.device,
     )
     results = run_bench(cfg)
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--new-tokens", type=int, default=32)
     k.add_argument("--batch", type=int, default=8)
     k.add_argument("--repeats", type=int, default=3)
+    k.add_argument(
+        "--pair-repeats", type=int, default=9, help="interleaved backbone/HoE rounds (single stream, switch)"
+    )
     k.add_argument("--device", default="cpu")
     k.add_argument("--command", default=None, help=argparse.SUPPRESS)
     k.set_defaults(func=cmd_bench)

@@ -19,6 +19,7 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
         new_tokens=3,
         batch=2,
         repeats=1,
+        pair_repeats=1,
     )
     results = run_bench(cfg, log=lambda *_: None)
     (fp32,) = results["precisions"]
@@ -57,6 +58,8 @@ def test_bench_config_rejects_bad_settings():
         BenchConfig(new_tokens=1)
     with pytest.raises(ValueError, match="repeats must be an integer"):
         BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="pair_repeats must be an integer"):
+        BenchConfig(pair_repeats=0)
 
 
 def test_memory_bandwidth_is_a_positive_rate():
@@ -150,14 +153,20 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
 
     monkeypatch.setattr(bench, "_generate_timed", spy)
     cfg = BenchConfig(
-        bundle=str(pico_bundle), precisions=("fp32",), methods=("hoe",), new_tokens=3, batch=2, repeats=2
+        bundle=str(pico_bundle),
+        precisions=("fp32",),
+        methods=("hoe",),
+        new_tokens=3,
+        batch=2,
+        repeats=2,
+        pair_repeats=3,
     )
     run_bench(cfg, log=lambda *_: None)
     models = list(dict.fromkeys(m for m, _, _ in calls))
     assert len(models) == 2  # the bare backbone, then HoE's model
     single = [models.index(m) for m, rows, n in calls if rows == 1 and n == 3]
     switch = [models.index(m) for m, rows, n in calls if rows == 1 and n == 2]
-    assert single == [0, 1] * 3  # a warm-up round, then 2 repeats
-    assert switch == [0, 1] * 4  # lambda2, lambda, twice
+    assert single == [0, 1] * 4  # a warm-up round, then pair_repeats = 3 rounds
+    assert switch == [0, 1] * 6  # lambda2, lambda, three times
     batched = [models.index(m) for m, rows, _ in calls if rows == 2]
     assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other
