@@ -559,7 +559,7 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
             add("HoE / MOD decode tok/s (single stream)", hoe.single_tok_s / m["mod"].single_tok_s, 2.5)
         add(  # the backbone's first token in the same interleaved rounds (same prompt, same call)
             "HoE preference change -> first token / backbone first token",
-            hoe.switch_first_token_s / (base.switch_first_token_s or base.first_token_s),
+            hoe.switch_first_token_s / base.switch_first_token_s,
             1.1,
             higher=False,
         )

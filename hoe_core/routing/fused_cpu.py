@@ -91,6 +91,18 @@ if numba is not None:
 
 
 @_jit
+def _project(x_row, w, w_buf, out):  # pragma: no cover - compiled
+    """out[k] = w[k] . x_row for every row k of w. x_row (in,) float32; w (K, in) float32 or
+    bfloat16 bits (widened row by row into w_buf (in,)); out (K,) float32."""
+    for k in range(w.shape[0]):
+        wk = as_f32(w[k], w_buf)
+        acc = np.float32(0.0)
+        for j in range(x_row.shape[0]):
+            acc += wk[j] * x_row[j]
+        out[k] = acc
+
+
+@_jit
 def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
     """Gated low-rank activations of one group, routers live.
 
@@ -106,13 +118,9 @@ def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no 
     w_buf = np.empty(n_in, np.float32)
     for i in range(n):
         row = i // seq
-        xi = as_f32(x[i], x_buf)
+        _project(as_f32(x[i], x_buf), w, w_buf, out)
         for k in range(w.shape[0]):
-            wk = as_f32(w[k], w_buf)
-            acc = np.float32(0.0)
-            for j in range(n_in):
-                acc += wk[j] * xi[j]
-            out[k] = acc + b[k]
+            out[k] += b[k]
         for r in range(n_rank):
             h[i, r] = g_fixed[row, r]
         for blk in range(starts.shape[0] - 1):
@@ -141,14 +149,9 @@ def static_hidden(x, w, g, seq, h):  # pragma: no cover - compiled
     x_buf = np.empty(n_in, np.float32)
     w_buf = np.empty(n_in, np.float32)
     for i in range(n):
-        row = i // seq
-        xi = as_f32(x[i], x_buf)
+        _project(as_f32(x[i], x_buf), w, w_buf, h[i])
         for k in range(w.shape[0]):
-            wk = as_f32(w[k], w_buf)
-            acc = np.float32(0.0)
-            for j in range(n_in):
-                acc += wk[j] * xi[j]
-            h[i, k] = acc * g[row, k]
+            h[i, k] *= g[i // seq, k]
 
 
 @_jit

@@ -192,9 +192,14 @@ class Kernel:
             return None
         if self.fused is not None and self.fused.accepts(x3):
             h = self.fused.hidden(x3)  # (B*T, R) numpy, for this kernel's add_delta only
-            if self.shared:
-                self._last = (x, x._version, h)
-            return h
+        else:
+            h = self._hidden_torch(x3)
+        if self.shared:
+            self._last = (x, x._version, h)
+        return h
+
+    def _hidden_torch(self, x3: torch.Tensor) -> torch.Tensor:
+        """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes)."""
         xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
         if self.maps is not None:
@@ -207,10 +212,7 @@ class Kernel:
             h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
         elif self.g_fixed is not None:
             h = h * self.g_fixed
-        h = h.view(-1, h.shape[-1])  # (B*T, R): every path above leaves h contiguous
-        if self.shared:
-            self._last = (x, x._version, h)
-        return h
+        return h.view(-1, h.shape[-1])  # (B*T, R): every path above leaves h contiguous
 
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)
