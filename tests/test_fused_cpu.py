@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from hoe_core.routing import fused_cpu
 from hoe_core.routing.context import use_routing
+from hoe_core.routing.kernel import group_siblings
 from hoe_core.routing.layer import HoELinear
 
 
@@ -22,7 +23,7 @@ def _softmax(z):
 
 
 @pytest.mark.parametrize(("batch", "seq", "sizes"), [(1, 1, [3, 3, 3]), (2, 2, [2, 4]), (3, 1, [5])])
-def test_gated_hidden_is_the_mixture_formula(batch, seq, sizes):
+def test_hidden_rows_is_the_mixture_formula(batch, seq, sizes):
     rng = np.random.default_rng(0)
     n_rank, n_in, s = 7, 13, sum(sizes)
     x = rng.standard_normal((batch * seq, n_in)).astype(np.float32)
@@ -32,7 +33,7 @@ def test_gated_hidden_is_the_mixture_formula(batch, seq, sizes):
     maps = rng.random((batch, s, n_rank)).astype(np.float32)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     h = np.empty((batch * seq, n_rank), np.float32)
-    fused_cpu.gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
+    fused_cpu.hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
     out = x.astype(np.float64) @ w.T + b  # (n, R + S)
     for i in range(batch * seq):
         row = i // seq
@@ -42,13 +43,20 @@ def test_gated_hidden_is_the_mixture_formula(batch, seq, sizes):
         np.testing.assert_allclose(h[i], want, rtol=1e-4, atol=1e-4)
 
 
-def test_static_hidden_and_add_low_rank_are_matmuls():
+def _static_hidden(x, w, g, seq, h):
+    """hidden_rows without routers: h = (A x) * g[row]."""
+    zeros, starts = np.zeros(w.shape[0], np.float32), np.zeros(1, np.int64)
+    maps = np.zeros((g.shape[0], 0, w.shape[0]), np.float32)
+    fused_cpu.hidden_rows(x, w, zeros, w.shape[0], starts, g, maps, seq, h)
+
+
+def test_static_hidden_rows_and_add_low_rank_are_matmuls():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 9)).astype(np.float32)
     w = rng.standard_normal((6, 9)).astype(np.float32)
     g = rng.random((2, 6)).astype(np.float32)
     h = np.empty((4, 6), np.float32)
-    fused_cpu.static_hidden(x, w, g, 2, h)  # rows 0, 1 -> batch row 0; 2, 3 -> 1
+    _static_hidden(x, w, g, 2, h)  # rows 0, 1 -> batch row 0; 2, 3 -> 1
     np.testing.assert_allclose(h, (x @ w.T) * np.repeat(g, 2, 0), rtol=1e-5, atol=1e-5)
     b_t = rng.standard_normal((3, 5)).astype(np.float32)
     y = rng.standard_normal((4, 5)).astype(np.float32)
@@ -82,8 +90,8 @@ def test_bfloat16_inputs_and_weights_are_widened_exactly():
     w = torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32)).to(torch.bfloat16)
     g = np.ones((1, 5), np.float32)
     got, want = np.empty((2, 5), np.float32), np.empty((2, 5), np.float32)
-    fused_cpu.static_hidden(_bf16_bits(x), _bf16_bits(w), g, 2, got)
-    fused_cpu.static_hidden(x.float().numpy(), w.float().numpy(), g, 2, want)  # the same values in float32
+    _static_hidden(_bf16_bits(x), _bf16_bits(w), g, 2, got)
+    _static_hidden(x.float().numpy(), w.float().numpy(), g, 2, want)  # the same values in float32
     np.testing.assert_array_equal(got, want)
 
 
@@ -97,7 +105,7 @@ def _layer(seed=2, dtype=torch.float32):
 
 def _spy(monkeypatch):
     calls = []
-    for name in ("gated_hidden", "static_hidden", "add_low_rank"):
+    for name in ("group_step",):
         real = getattr(fused_cpu, name)
         monkeypatch.setattr(fused_cpu, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     return calls
@@ -119,7 +127,7 @@ def test_decode_steps_take_the_fused_path_and_equal_the_torch_path(monkeypatch, 
     with use_routing(w), torch.no_grad():
         calls = _spy(monkeypatch)
         got = _layer(dtype=dtype)(x)
-    assert calls and calls[-1] == "add_low_rank"
+    assert calls == ["group_step"]
     monkeypatch.setenv("HOE_FUSED_CPU", "0")
     with use_routing(w), torch.no_grad():
         calls.clear()
@@ -142,7 +150,7 @@ def test_prefill_and_other_dtypes_stay_on_torch(monkeypatch):
         got = layer(x)
         wide.remove()
     assert got.dtype == torch.float64
-    assert calls == ["gated_hidden"]  # h fused; the delta added by torch in the base's dtype
+    assert calls == ["group_step"]  # h fused; the delta added by torch in the base's dtype
     with use_routing(w):
         want = layer(x)  # the differentiable reference
     assert_close(got, want.detach().double(), atol=1e-5, rtol=1e-5)
@@ -157,5 +165,59 @@ def test_turned_off_by_the_environment(monkeypatch):
 def test_warm_up_compiles_the_decode_signatures(dtype):
     fused_cpu.warm_up(dtype)
     bits = "uint16" if dtype == torch.bfloat16 else "float32"
-    for kernel in (fused_cpu.gated_hidden, fused_cpu.static_hidden, fused_cpu.add_low_rank):
-        assert any(bits in str(sig) for sig in kernel.signatures), kernel
+    assert any(bits in str(sig) for sig in fused_cpu.group_step.signatures)
+
+
+def _siblings(dtype=torch.float32, seed=4):
+    """q/k/v-like layers on one input, grouped; factors and gates are float16 values (as in
+    shipped bundles), so float32 kernels store them as float16."""
+    torch.manual_seed(seed)
+    half = lambda *shape: torch.randn(*shape).half().float()  # noqa: E731
+    layers = {}
+    for name, out in (("attn.q_proj", 12), ("attn.k_proj", 6), ("attn.v_proj", 6)):
+        factors = [(half(out, r), half(r, 16)) for r in (2, 3, 4)]
+        routers = [([0, 1], half(2, 16), half(2)), ([0, 1, 2], half(3, 16), half(3))]
+        layers[name] = HoELinear(
+            torch.nn.Linear(16, out).to(dtype), name, factors, routers=routers, dtype=dtype
+        )
+    group_siblings(layers)
+    return list(layers.values())
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (0, 1, 1, 2), (2, 2, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_is_one_call_in_any_member_order_and_equals_the_torch_path(monkeypatch, order, dtype):
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    x = torch.randn(1, 1, 16).to(dtype)
+    calls = _spy(monkeypatch)
+    with use_routing(w) as routing, torch.no_grad():
+        layers = _siblings(dtype)
+        got = [layers[i](x) for i in order]
+    kernel = next(iter(routing.kernels.values()))
+    if dtype == torch.float32:
+        assert kernel.fused.factors.weight.dtype == np.int16  # float16 storage: exact here
+    assert calls.count("group_step") == 1 + (order[0] != 0) + sum(
+        order[i] == order[i - 1] for i in range(1, len(order))
+    )
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    with use_routing(w), torch.no_grad():
+        layers = _siblings(dtype)
+        want = [layers[i](x) for i in order]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert_close(a, b, atol=tol, rtol=tol)
+    assert len({t.data_ptr() for t in got}) == len(got)  # every call its own output tensor
+
+
+def test_a_sibling_sees_its_input_changed_in_place():
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    x = torch.randn(1, 1, 16)
+    with use_routing(w), torch.no_grad():
+        q, k, _ = _siblings()
+        q(x)
+        x.mul_(2)  # k's output computed with q's must not be handed out for the new x
+        got = k(x)
+        fresh = _siblings()[1]
+        want = fresh(x)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)

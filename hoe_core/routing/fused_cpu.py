@@ -1,43 +1,50 @@
-"""Fused CPU kernels for decoding: a group's whole mixture in one compiled call (numba).
+"""Fused CPU kernel for decoding: a sibling group's whole step in one compiled call (numba).
 
-At decode a group's mixture is a few thousand multiply-adds, and eager torch spends most of
-its time dispatching the ~10 small ops that compute it (on the 2-core CI machine about
-100 us per attention group in situ, against about 45 us fused, most of it reading the
-factors from memory; the whole-model effect is in ``bench/interleaved.md``). For up to
-:data:`MAX_ROWS` rows (B*T: single-stream and small-batch decoding) the CPU kernels of
-:mod:`hoe_core.routing.kernel` run these instead::
+At decode a group's mixture is a few thousand multiply-adds. Eager torch spends most of its
+time dispatching the ~10 small ops that compute it, and a torch -> numpy view per tensor
+costs more than a small member's arithmetic. For up to :data:`MAX_ROWS` rows (B*T:
+single-stream and small-batch decoding) the CPU kernels of :mod:`hoe_core.routing.kernel`
+run one call per group and step instead, reading the input and writing the members' base
+outputs by address::
 
-    gated_hidden:  h[i] = (A x_i) * (g_fixed[b] + sum_p softmax(z_p,i) M[b, p])   one call per group
-    add_low_rank:  y[i] += h[i, span] B^T                                        one call per member
+    h[i]   = (A x_i) * (g_fixed[b] + sum_p softmax(z_p,i) M[b, p])     the group's gated h
+    y_m[i] += h[i, span_m] B_m^T                                        every member m, in place
 
-float32 and bfloat16 tensors are served (bfloat16 as its uint16 bit patterns, widened to
-float32 row by row; the sums run in float32 and y is rounded to nearest even once).
-Larger inputs (prefill) stay on torch, whose GEMMs win there. The results equal the torch
-path up to rounding (the sums are reassociated); ``tests/test_fused_cpu.py``. Set
-``HOE_FUSED_CPU=0`` to turn them off (they are also off when numba is missing).
+What remains is reading the factors from memory (about 45 MB per token for the shipped
+bundle), so they are kept as compactly as they are exact: float32 factors that are float16
+values (the shipped bundles store float16) are held as float16 and widened in the loop
+(``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Activations are float32
+or bfloat16 (as uint16 bit patterns, widened row by row; the sums run in float32 and y is
+rounded to nearest even once). Larger inputs (prefill) stay on torch, whose GEMMs win
+there. The results equal the torch path up to rounding (the sums are reassociated);
+``tests/test_fused_cpu.py``. Set ``HOE_FUSED_CPU=0`` to turn the kernel off (it is also off
+when numba is missing).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 try:
     import numba
+    from llvmlite import ir
     from numba import types
-    from numba.extending import overload
+    from numba.core import cgutils
+    from numba.extending import intrinsic, overload
 except ImportError:  # optional: the torch path serves everything
     numba = None
 
-MAX_ROWS = 4  # rows (B*T) up to which the fused kernels run; prefill stays on torch GEMMs
-DTYPES = (torch.float32, torch.bfloat16)  # tensor dtypes the kernels read and write
+MAX_ROWS = 4  # rows (B*T) up to which the fused kernel runs; prefill stays on torch GEMMs
+DTYPES = (torch.float32, torch.bfloat16)  # tensor dtypes the kernel reads and writes
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; no finite-only assumption
 
 
 def available() -> bool:
-    """Whether the fused kernels can run here (numba importable, not turned off)."""
+    """Whether the fused kernel can run here (numba importable, not turned off)."""
     return numba is not None and os.environ.get("HOE_FUSED_CPU", "1") != "0"
 
 
@@ -45,10 +52,15 @@ def _jit(fn):
     return numba.njit(cache=True, fastmath=_FASTMATH)(fn) if numba is not None else fn
 
 
-# Row access, chosen by dtype when a kernel is compiled: float32 rows are read in place,
-# bfloat16 rows (uint16 bit patterns) are widened into a float32 buffer.
+# Storage formats, told apart by numpy dtype inside compiled code: float32 as is, bfloat16
+# as uint16 bit patterns, float16 as int16 bit patterns (numba has no float16 arrays).
+def widen(value):  # pragma: no cover - replaced inside compiled code
+    """One stored element as float32 (exact for all three formats)."""
+    raise NotImplementedError
+
+
 def as_f32(row, buf):  # pragma: no cover - replaced inside compiled code
-    """``row`` as float32: itself, or its bfloat16 bits widened into ``buf``."""
+    """An activation ``row`` as float32: itself, or its bfloat16 bits widened into ``buf``."""
     raise NotImplementedError
 
 
@@ -59,17 +71,37 @@ def store_f32(values, row):  # pragma: no cover - replaced inside compiled code
 
 if numba is not None:
 
+    @intrinsic
+    def _widen(typingctx, value):
+        i32 = ir.IntType(32)
+
+        def same(context, builder, signature, args):
+            return args[0]
+
+        def bfloat16(context, builder, signature, args):
+            bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(bits, ir.FloatType())
+
+        def float16(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        codegen = {types.float32: same, types.uint16: bfloat16, types.int16: float16}.get(value)
+        return (types.float32(value), codegen) if codegen is not None else None
+
+    @overload(widen, jit_options={"cache": True})
+    def _widen_overload(value):
+        return lambda value: _widen(value)
+
     @overload(as_f32, jit_options={"cache": True})
     def _as_f32(row, buf):
         if row.dtype == types.uint16:
 
-            def widen(row, buf):
-                bits = buf.view(np.uint32)
+            def widen_row(row, buf):
                 for j in range(row.shape[0]):
-                    bits[j] = np.uint32(row[j]) << np.uint32(16)
+                    buf[j] = _widen(row[j])
                 return buf
 
-            return widen
+            return widen_row
         return lambda row, buf: row
 
     @overload(store_f32, jit_options={"cache": True})
@@ -89,38 +121,38 @@ if numba is not None:
 
         return copy
 
+    @intrinsic
+    def _address(typingctx, addr):
+        """An integer address as a ``void*`` (for ``numba.carray`` views of torch tensors)."""
 
-@_jit
-def _project(x_row, w, w_buf, out):  # pragma: no cover - compiled
-    """out[k] = w[k] . x_row for every row k of w. x_row (in,) float32; w (K, in) float32 or
-    bfloat16 bits (widened row by row into w_buf (in,)); out (K,) float32."""
-    for k in range(w.shape[0]):
-        wk = as_f32(w[k], w_buf)
-        acc = np.float32(0.0)
-        for j in range(x_row.shape[0]):
-            acc += wk[j] * x_row[j]
-        out[k] = acc
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return types.voidptr(addr), codegen
 
 
 @_jit
-def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
-    """Gated low-rank activations of one group, routers live.
+def hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
+    """Gated low-rank activations of one group.
 
-    x (n, in) rows of the input; w (R + S, in) the active A rows then the gates; b (R + S,);
-    starts (P + 1,) offsets of the gate blocks in S (one softmax each); g_fixed (B, R) the
-    expert anchors' weights per rank row; maps (B, S, R) router weight x one-hot (gate ->
-    its expert's rank rows); seq = T (row i belongs to batch row i // T); h (n, R) out.
-    x and w float32 or bfloat16 bits; the rest float32.
+    x (n, in) rows of the input, float32 or bfloat16 bits; w (R + S, in) the active A rows
+    then the gates, in any storage format; b (R + S,); starts (P + 1,) offsets of the gate
+    blocks in S (one softmax each; [0] without routers); g_fixed (B, R) the expert anchors'
+    weights per rank row; maps (B, S, R) router weight x one-hot (gate -> its expert's rank
+    rows); seq = T (row i belongs to batch row i // T); h (n, R) out. b, g_fixed, maps and
+    h float32.
     """
     n, n_in = x.shape
     out = np.empty(w.shape[0], np.float32)
     x_buf = np.empty(n_in, np.float32)
-    w_buf = np.empty(n_in, np.float32)
     for i in range(n):
         row = i // seq
-        _project(as_f32(x[i], x_buf), w, w_buf, out)
+        x_row = as_f32(x[i], x_buf)
         for k in range(w.shape[0]):
-            out[k] += b[k]
+            acc = np.float32(0.0)
+            for j in range(n_in):
+                acc += widen(w[k, j]) * x_row[j]
+            out[k] = acc + b[k]
         for r in range(n_rank):
             h[i, r] = g_fixed[row, r]
         for blk in range(starts.shape[0] - 1):
@@ -142,34 +174,43 @@ def gated_hidden(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no 
 
 
 @_jit
-def static_hidden(x, w, g, seq, h):  # pragma: no cover - compiled
-    """h[i] = (A x_i) * g[i // seq]: no routers (g = ones when the weights are folded into A).
-    x (n, in), w (R, in) float32 or bfloat16 bits; g (B, R), h (n, R) out float32."""
-    n, n_in = x.shape
-    x_buf = np.empty(n_in, np.float32)
-    w_buf = np.empty(n_in, np.float32)
-    for i in range(n):
-        _project(as_f32(x[i], x_buf), w, w_buf, h[i])
-        for k in range(w.shape[0]):
-            h[i, k] *= g[i // seq, k]
-
-
-@_jit
 def add_low_rank(h, lo, hi, b_t, y):  # pragma: no cover - compiled
     """y[i] += h[i, lo:hi] @ b_t, in place, summed in float32. h (n, R) float32; b_t
-    (hi - lo, out) and y (n, out) float32 or bfloat16 bits."""
+    (hi - lo, out) in any storage format; y (n, out) float32 or bfloat16 bits."""
     n_out = y.shape[1]
     acc = np.empty(n_out, np.float32)
     y_buf = np.empty(n_out, np.float32)
-    b_buf = np.empty(n_out, np.float32)
     for i in range(h.shape[0]):
         acc[:] = as_f32(y[i], y_buf)
         for r in range(lo, hi):
             c = h[i, r]
-            b_r = as_f32(b_t[r - lo], b_buf)
             for o in range(n_out):
-                acc[o] += c * b_r[o]
+                acc[o] += c * widen(b_t[r - lo, o])
         store_f32(acc, y[i])
+
+
+@_jit
+def group_step(
+    io, x_addr, n, seq, w, b, n_rank, starts, g_fixed, maps, b_flat, members, y_addrs
+):  # pragma: no cover
+    """One decode step of a sibling group in one call: h, then every member's delta.
+
+    io: an empty array of the activations' dtype (float32, or uint16 for bfloat16);
+    x_addr: address of the input rows (n, in); w ... maps as in :func:`hidden_rows`;
+    b_flat: every member's B^T (R_m, out_m) flattened, in w's storage format; members
+    (M, 4) int64: per member its offset in b_flat, its rank columns [lo, hi) of h and
+    out_m; y_addrs (M,) int64: address of member m's base output (n, out_m), to add its
+    delta to in place, or 0 to leave it (the caller adds it). Returns h (n, R) float32.
+    """
+    x = numba.carray(_address(x_addr), (n, w.shape[1]), io.dtype)
+    h = np.empty((n, n_rank), np.float32)
+    hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
+    for m in range(members.shape[0]):
+        off, lo, hi, n_out = members[m, 0], members[m, 1], members[m, 2], members[m, 3]
+        if hi > lo and y_addrs[m] != 0:
+            y = numba.carray(_address(y_addrs[m]), (n, n_out), io.dtype)
+            add_low_rank(h, lo, hi, b_flat[off : off + (hi - lo) * n_out].reshape((hi - lo, n_out)), y)
+    return h
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -177,79 +218,119 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def _exact_in_half(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and torch.equal(t.half().float(), t)
+
+
+def _stored(t: torch.Tensor, half: bool) -> np.ndarray:
+    """A CPU factor tensor in storage format: float16 bits (int16) when ``half``, else
+    :func:`_bits` of it."""
+    return t.half().view(torch.int16).numpy() if half else _bits(t.contiguous())
+
+
 def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.float().numpy())
 
 
-class FusedGroup:
-    """A kernel's factors as numpy views (shared memory, no copy) and the fused calls.
+@dataclass
+class Factors:
+    """A group's factors for one active set (preference-independent), in storage format.
 
-    Built from a :class:`~hoe_core.routing.kernel.Kernel` whose tensors are float32 or
-    bfloat16 on the CPU (the kernel keeps them alive); the small per-preference maps are
-    held as float32 copies.
+    weight (R + S, in): the active A rows, then the gates; b_flat: each member's B^T
+    (R_m, out_m) flattened in turn; members (M, 4) int64: offset in b_flat, rank columns
+    [lo, hi) of h, out_m.
     """
 
-    def __init__(self, kernel) -> None:
-        self.weight = _bits(kernel.weight)  # (R [+ S], in)
-        self.n_rank = kernel.n_rank or self.weight.shape[0]
-        self.b_ts = [None if t is None else _bits(t) for t in kernel.b_ts]  # (R_m, out_m)
-        self.b_ts_torch = kernel.b_ts  # for outputs the kernels do not write
-        self.spans = kernel.spans
+    weight: np.ndarray
+    b_flat: np.ndarray
+    members: np.ndarray
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, b_ts: list, spans: list[tuple[int, int]]) -> Factors:
+        """From a group's stacked weight (R + S, in), its members' B^T (R_m, out_m) (None:
+        no active expert) and their rank columns of h."""
+        b_ts = [torch.zeros(0, dtype=weight.dtype) if t is None else t for t in b_ts]
+        b_flat = torch.cat([t.flatten() for t in b_ts])
+        offsets = np.cumsum([0] + [t.numel() for t in b_ts])
+        members = [
+            (off, lo, hi, t.shape[-1] if hi > lo else 0) for off, (lo, hi), t in zip(offsets, spans, b_ts)
+        ]
+        half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
+        return cls(_stored(weight, half), _stored(b_flat, half), np.array(members, np.int64).reshape(-1, 4))
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.b_flat.nbytes
+
+
+class FusedGroup:
+    """One group's decode step for one preference: its :class:`Factors` (shared by every
+    preference with the same active set) and the small per-preference maps as float32.
+
+    The input and the members' base outputs are passed by address, so they must be
+    contiguous and of the activations' dtype; :meth:`accepts` and :meth:`step` check that.
+    """
+
+    def __init__(self, factors: Factors, dtype: torch.dtype, n_rank: int, g_fixed, kernel) -> None:
+        """``g_fixed`` (B, R): the expert anchors' weights per rank row; ``kernel`` the
+        torch :class:`~hoe_core.routing.kernel.Kernel` (its routers' maps, and its B^T for
+        outputs this one cannot write)."""
+        self.factors, self.dtype, self.n_rank = factors, dtype, n_rank
+        self.io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
+        self.b_ts_torch, self.spans = kernel.b_ts, kernel.spans
+        self.g_fixed = _f32(g_fixed)  # (B, R)
         if kernel.maps is not None:
             self.bias = _f32(kernel.bias)
             self.starts = np.concatenate([[0], np.cumsum(kernel.sizes)]).astype(np.int64)
-            self.g_fixed = _f32(kernel.g_fixed[:, 0])  # (B, R)
             self.maps = _f32(kernel.maps)  # (B, S, R)
-        else:
-            g = kernel.g_fixed[:, 0] if kernel.g_fixed is not None else torch.ones(1, self.n_rank)
-            self.g_fixed = _f32(g)  # (B, R); ones when the weights are folded into A
-            self.maps = None
+        else:  # no routers: no gate rows
+            self.bias = np.zeros(n_rank, np.float32)
+            self.starts = np.zeros(1, np.int64)
+            self.maps = np.zeros((self.g_fixed.shape[0], 0, n_rank), np.float32)
 
-    @staticmethod
-    def accepts(x3: torch.Tensor) -> bool:
+    def accepts(self, x3: torch.Tensor) -> bool:
         """Whether input x3 (B, T, in) goes to the fused path."""
         return (
             x3.shape[0] * x3.shape[1] <= MAX_ROWS
-            and x3.dtype in DTYPES
-            and not x3.requires_grad
+            and x3.dtype == self.dtype
             and x3.device.type == "cpu"
             and x3.is_contiguous()
+            and not x3.requires_grad
         )
 
-    def hidden(self, x3: torch.Tensor) -> np.ndarray:
-        """h (B*T, R) float32 for x3 (B, T, in) accepted by :meth:`accepts`."""
-        bsz, seq, n_in = x3.shape
-        x = _bits(x3).reshape(bsz * seq, n_in)
-        h = np.empty((bsz * seq, self.n_rank), np.float32)
-        if self.maps is None:
-            static_hidden(x, self.weight, self.g_fixed, seq, h)
-        else:
-            gated_hidden(x, self.weight, self.bias, self.n_rank, self.starts, self.g_fixed, self.maps, seq, h)
-        return h
-
-    def add_delta(self, slot: int, h: np.ndarray, y: torch.Tensor) -> torch.Tensor:
-        """y + h[:, span] B^T for member ``slot``, in place when y (..., out) allows it."""
-        b_t = self.b_ts[slot]
-        if b_t is None:
-            return y
-        lo, hi = self.spans[slot]
-        if y.dtype in DTYPES and not y.requires_grad and y.is_contiguous() and y.device.type == "cpu":
-            add_low_rank(h, lo, hi, b_t, _bits(y).reshape(h.shape[0], -1))
-            return y
-        delta = torch.from_numpy(np.ascontiguousarray(h[:, lo:hi])) @ self.b_ts_torch[slot].float()
-        return y + delta.view(y.shape).to(y.dtype)  # (B*T, out) -> y's shape and dtype
+    def step(self, x3: torch.Tensor, ys: list) -> list:
+        """Add every member's delta to its base output ``ys[m]`` (B, T, out_m) for input x3
+        (B, T, in) accepted by :meth:`accepts`; None entries are skipped. In place where the
+        output allows it (contiguous, the activations' dtype, no grad); the rest get a new
+        tensor. Returns ys."""
+        writable = [
+            y is not None and y.dtype == self.dtype and y.is_contiguous() and not y.requires_grad for y in ys
+        ]
+        addrs = np.array([y.data_ptr() if ok else 0 for y, ok in zip(ys, writable)], np.int64)
+        f, (bsz, seq, _) = self.factors, x3.shape
+        args = (f.weight, self.bias, self.n_rank, self.starts, self.g_fixed, self.maps, f.b_flat, f.members)
+        h = group_step(self.io, x3.data_ptr(), bsz * seq, seq, *args, addrs)
+        for m, (y, ok) in enumerate(zip(ys, writable)):
+            if y is not None and not ok and self.b_ts_torch[m] is not None:
+                lo, hi = self.spans[m]
+                delta = torch.from_numpy(h[:, lo:hi]) @ self.b_ts_torch[m].float()  # (B*T, out_m)
+                ys[m] = y + delta.view(y.shape).to(y.dtype)
+        return ys
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's on-disk cache) the kernels for ``dtype`` tensors now, so
-    the first decode step of a served model does not pay for it. A no-op when unavailable."""
+    """Compile (or load from numba's on-disk cache) the kernel for ``dtype`` activations and
+    each factor format they come with now, so the first decode step of a served model does
+    not pay for it. A no-op when unavailable."""
     if not available() or dtype not in DTYPES:
         return
-    t = torch.zeros(2, 2, dtype=dtype)
-    x, w, y = _bits(t), _bits(t), _bits(t.clone())
-    h = np.zeros((2, 2), np.float32)
-    gate_w, bias = _bits(torch.zeros(3, 2, dtype=dtype)), np.zeros(3, np.float32)
-    starts, maps = np.array([0, 1], np.int64), np.zeros((1, 1, 2), np.float32)
-    gated_hidden(x, gate_w, bias, 2, starts, h[:1].copy(), maps, 2, h)
-    static_hidden(x, w, h, 2, h)
-    add_low_rank(h, 0, 2, w, y)
+    io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
+    x, y = torch.zeros(1, 1, 2, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype)
+    bias, starts = np.zeros(3, np.float32), np.array([0, 1], np.int64)
+    g_fixed, maps = np.ones((1, 2), np.float32), np.zeros((1, 1, 2), np.float32)
+    members, addrs = np.array([[0, 0, 2, 2]], np.int64), np.array([y.data_ptr()], np.int64)
+    for fill in [0.5] if dtype == torch.bfloat16 else [0.1, 0.5]:  # float32 factors: as is, as float16
+        w, b_flat = (torch.full(shape, fill, dtype=dtype) for shape in ((3, 2), (4,)))
+        half = _exact_in_half(w)
+        w, b_flat = _stored(w, half), _stored(b_flat, half)
+        group_step(io, x.data_ptr(), 1, 1, w, bias, 2, starts, g_fixed, maps, b_flat, members, addrs)

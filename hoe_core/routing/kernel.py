@@ -16,8 +16,9 @@ into A: per group one matmul, then one addmm per member. The delta is accumulate
 the base's fresh output in place (no copy of y).
 
 On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
-kernels run :mod:`hoe_core.routing.fused_cpu` instead: the group's h in one compiled call
-and each member's delta in another, with the same math.
+kernels run :mod:`hoe_core.routing.fused_cpu` instead, with the same math: the first
+member called computes every member's base output, then one compiled call adds all their
+deltas; the siblings' outputs wait for their calls.
 
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request); the weights they stack are cached per group and active set, so a preference
@@ -29,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
-import numpy as np
 import torch
 
 from hoe_core.routing import fused_cpu
@@ -63,9 +63,20 @@ class SiblingGroup:
 
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
         kernel = self._build_torch(plan, stacked, batch)
-        w = kernel.weight
-        if w is not None and w.device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
-            kernel.fused = fused_cpu.FusedGroup(kernel)  # decode steps: one compiled call per group
+        kernel.members = self.members
+        w = stacked.weight
+        if (
+            kernel.weight is not None
+            and w.device.type == "cpu"
+            and w.dtype in fused_cpu.DTYPES
+            and fused_cpu.available()
+        ):
+            if stacked.factors is None:  # once per active set: the factors in storage format
+                stacked.factors = fused_cpu.Factors.pack(w, stacked.b_ts, stacked.spans)
+            g_fixed = plan.expert_weights.float()[:, 0][:, stacked.owner]  # (B, R), not folded into A
+            kernel.fused = fused_cpu.FusedGroup(
+                stacked.factors, w.dtype, stacked.owner.shape[0], g_fixed, kernel
+            )
         return kernel
 
     def _build_torch(self, plan, stacked: _Stacked, batch: int) -> Kernel:
@@ -149,6 +160,7 @@ class _Stacked:
     maps: torch.Tensor | None  # (S, R) one-hot: gate output -> the rank rows of its expert
     segments: list[tuple[int, int]]  # (router, |S_p|) per gate block, in row order
     gate_params: list[torch.Tensor]  # the gate tensors stacked in (to notice in-place updates)
+    factors: fused_cpu.Factors | None = None  # the fused CPU kernel's copy, made on first use
 
 
 @dataclass(eq=False)
@@ -170,8 +182,10 @@ class Kernel:
     spans: list[tuple[int, int]]  # per member its columns of h
     versions: tuple  # (gate tensor, its version when stacked)
     shared: bool  # several members: keep the last h for the siblings
-    fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: compiled calls, small inputs
+    fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: one compiled call, small inputs
+    members: list = field(default_factory=list)  # the group's HoE layers, in slot order
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
+    _outs: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, version, outputs)
 
     def __post_init__(self) -> None:
         sizes = list(self.sizes)
@@ -182,18 +196,39 @@ class Kernel:
         """False once a gate changed in place (an optimiser step) since this kernel was built."""
         return all(t._version == v for t, v in self.versions)
 
+    def __call__(self, layer, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """Member ``layer``'s output for input ``x`` (x3 = x as (B, T, in)): its base output
+        plus its delta.
+
+        A fused decode step, called by the group's first member, computes the base outputs
+        of all members and their deltas in one compiled call, and keeps the siblings' for
+        their own calls with that same tensor (each handed out once).
+        """
+        slot = layer.slot
+        last_x, last_version, outs = self._outs
+        if last_x is x and last_version == x._version and outs[slot] is not None:
+            y, outs[slot] = outs[slot], None
+            return y
+        if self.fused is not None and self.fused.accepts(x3):
+            wanted = self.members if slot == 0 else [layer]  # called out of order: this member alone
+            ys = self.fused.step(x3, [m._base_call(x) if m in wanted else None for m in self.members])
+            y, ys[slot] = ys[slot], None
+            if slot == 0 and self.shared:
+                self._outs = (x, x._version, ys)
+            return y
+        h = self.hidden(x, x3)
+        y = layer._base_call(x)
+        return y if h is None else self.add_delta(slot, h, y)
+
     def hidden(self, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor | None:
         """The group's gated low-rank activations h * g as (B*T, R) for input ``x`` (x3 = x
-        as (B, T, in)); None when no expert is active."""
+        as (B, T, in)), with torch ops; None when no expert is active."""
         last_x, last_version, last = self._last
         if last_x is x and last_version == x._version:
             return last
         if self.weight is None:
             return None
-        if self.fused is not None and self.fused.accepts(x3):
-            h = self.fused.hidden(x3)  # (B*T, R) numpy, for this kernel's add_delta only
-        else:
-            h = self._hidden_torch(x3)
+        h = self._hidden_torch(x3)
         if self.shared:
             self._last = (x, x._version, h)
         return h
@@ -217,8 +252,6 @@ class Kernel:
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)
         its base output, accumulated in place when it is a fresh contiguous tensor."""
-        if type(h) is np.ndarray:
-            return self.fused.add_delta(slot, h, y)
         b_t = self.b_ts[slot]
         if b_t is None:
             return y

@@ -166,9 +166,7 @@ class HoELinear(nn.Module):
         # first) rebuilds, its siblings then read the new kernel
         if kernel is None or (self.slot == 0 and kernel.versions and not kernel.current()):
             kernel = routing.kernels[key] = self.group.kernel(routing, x3)
-        h = kernel.hidden(x, x3)
-        y = self._base_call(x)
-        return y if h is None else kernel.add_delta(self.slot, h, y)
+        return kernel(self, x, x3)
 
     def _base_call(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen linear's output; its ``forward`` directly when nothing hooks it (one
