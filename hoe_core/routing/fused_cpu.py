@@ -193,14 +193,14 @@ def add_low_rank(h, lo, hi, b_t, y):  # pragma: no cover - compiled
 def group_step(
     io, x_addr, n, seq, w, b, n_rank, starts, g_fixed, maps, b_flat, members, y_addrs
 ):  # pragma: no cover
-    """One decode step of a sibling group in one call: h, then every member's delta.
+    """One decode step of a sibling group in one call: h (n, R), then every member's delta.
 
     io: an empty array of the activations' dtype (float32, or uint16 for bfloat16);
     x_addr: address of the input rows (n, in); w ... maps as in :func:`hidden_rows`;
     b_flat: every member's B^T (R_m, out_m) flattened, in w's storage format; members
     (M, 4) int64: per member its offset in b_flat, its rank columns [lo, hi) of h and
     out_m; y_addrs (M,) int64: address of member m's base output (n, out_m), to add its
-    delta to in place, or 0 to leave it (the caller adds it). Returns h (n, R) float32.
+    delta to in place, or 0 to leave it (the caller adds it).
     """
     x = numba.carray(_address(x_addr), (n, w.shape[1]), io.dtype)
     h = np.empty((n, n_rank), np.float32)
@@ -210,7 +210,6 @@ def group_step(
         if hi > lo and y_addrs[m] != 0:
             y = numba.carray(_address(y_addrs[m]), (n, n_out), io.dtype)
             add_low_rank(h, lo, hi, b_flat[off : off + (hi - lo) * n_out].reshape((hi - lo, n_out)), y)
-    return h
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -273,20 +272,19 @@ class FusedGroup:
 
     def __init__(self, factors: Factors, dtype: torch.dtype, n_rank: int, g_fixed, kernel) -> None:
         """``g_fixed`` (B, R): the expert anchors' weights per rank row; ``kernel`` the
-        torch :class:`~hoe_core.routing.kernel.Kernel` (its routers' maps, and its B^T for
-        outputs this one cannot write)."""
-        self.factors, self.dtype, self.n_rank = factors, dtype, n_rank
+        torch :class:`~hoe_core.routing.kernel.Kernel` (its routers' maps)."""
+        self.factors, self.dtype = factors, dtype
         self.io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
-        self.b_ts_torch, self.spans = kernel.b_ts, kernel.spans
-        self.g_fixed = _f32(g_fixed)  # (B, R)
+        g_fixed = _f32(g_fixed)  # (B, R)
         if kernel.maps is not None:
-            self.bias = _f32(kernel.bias)
-            self.starts = np.concatenate([[0], np.cumsum(kernel.sizes)]).astype(np.int64)
-            self.maps = _f32(kernel.maps)  # (B, S, R)
+            bias = _f32(kernel.bias)
+            starts = np.concatenate([[0], np.cumsum(kernel.sizes)]).astype(np.int64)
+            maps = _f32(kernel.maps)  # (B, S, R)
         else:  # no routers: no gate rows
-            self.bias = np.zeros(n_rank, np.float32)
-            self.starts = np.zeros(1, np.int64)
-            self.maps = np.zeros((self.g_fixed.shape[0], 0, n_rank), np.float32)
+            bias, starts = np.zeros(n_rank, np.float32), np.zeros(1, np.int64)
+            maps = np.zeros((g_fixed.shape[0], 0, n_rank), np.float32)
+        f = factors
+        self.args = (f.weight, bias, n_rank, starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
 
     def accepts(self, x3: torch.Tensor) -> bool:
         """Whether input x3 (B, T, in) goes to the fused path."""
@@ -298,24 +296,22 @@ class FusedGroup:
             and not x3.requires_grad
         )
 
-    def step(self, x3: torch.Tensor, ys: list) -> list:
-        """Add every member's delta to its base output ``ys[m]`` (B, T, out_m) for input x3
-        (B, T, in) accepted by :meth:`accepts`; None entries are skipped. In place where the
-        output allows it (contiguous, the activations' dtype, no grad); the rest get a new
-        tensor. Returns ys."""
-        writable = [
-            y is not None and y.dtype == self.dtype and y.is_contiguous() and not y.requires_grad for y in ys
-        ]
-        addrs = np.array([y.data_ptr() if ok else 0 for y, ok in zip(ys, writable)], np.int64)
-        f, (bsz, seq, _) = self.factors, x3.shape
-        args = (f.weight, self.bias, self.n_rank, self.starts, self.g_fixed, self.maps, f.b_flat, f.members)
-        h = group_step(self.io, x3.data_ptr(), bsz * seq, seq, *args, addrs)
-        for m, (y, ok) in enumerate(zip(ys, writable)):
-            if y is not None and not ok and self.b_ts_torch[m] is not None:
-                lo, hi = self.spans[m]
-                delta = torch.from_numpy(h[:, lo:hi]) @ self.b_ts_torch[m].float()  # (B*T, out_m)
-                ys[m] = y + delta.view(y.shape).to(y.dtype)
-        return ys
+    def step(self, x3: torch.Tensor, ys: list) -> list[int]:
+        """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
+        input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. Returns the
+        members whose output it cannot write (another dtype, not contiguous, needs grad): the
+        caller adds theirs."""
+        addrs, skipped = [0] * len(ys), []
+        for m, y in enumerate(ys):
+            if y is None:
+                continue
+            if y.dtype == self.dtype and y.is_contiguous() and not y.requires_grad:
+                addrs[m] = y.data_ptr()
+            else:
+                skipped.append(m)
+        bsz, seq, _ = x3.shape
+        group_step(self.io, x3.data_ptr(), bsz * seq, seq, *self.args, np.array(addrs, np.int64))
+        return skipped
 
 
 def warm_up(dtype: torch.dtype) -> None:

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
+from operator import attrgetter
 
 import torch
 
 from hoe_core.routing import fused_cpu
 
 _CACHE_SIZE = 8  # stacked weights kept per group (one per recent active set)
+_VERSION = attrgetter("_version")  # a tensor's in-place update count
 
 
 class SiblingGroup:
@@ -191,10 +193,14 @@ class Kernel:
         sizes = list(self.sizes)
         self.split = [self.n_rank, sum(sizes)]
         self.block = (len(sizes), sizes[0]) if sizes and len(set(sizes)) == 1 else None
+        self._gates, self._gate_versions = (
+            tuple(t for t, _ in self.versions),
+            tuple(v for _, v in self.versions),
+        )
 
     def current(self) -> bool:
         """False once a gate changed in place (an optimiser step) since this kernel was built."""
-        return all(t._version == v for t, v in self.versions)
+        return tuple(map(_VERSION, self._gates)) == self._gate_versions
 
     def __call__(self, layer, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """Member ``layer``'s output for input ``x`` (x3 = x as (B, T, in)): its base output
@@ -210,8 +216,13 @@ class Kernel:
             y, outs[slot] = outs[slot], None
             return y
         if self.fused is not None and self.fused.accepts(x3):
-            wanted = self.members if slot == 0 else [layer]  # called out of order: this member alone
-            ys = self.fused.step(x3, [m._base_call(x) if m in wanted else None for m in self.members])
+            if slot == 0:
+                ys = [m._base_call(x) for m in self.members]
+            else:  # called out of order: this member alone
+                ys = [None] * len(self.members)
+                ys[slot] = layer._base_call(x)
+            for m in self.fused.step(x3, ys):  # outputs it cannot write: torch adds their deltas
+                ys[m] = self.add_delta(m, self.hidden(x, x3), ys[m])
             y, ys[slot] = ys[slot], None
             if slot == 0 and self.shared:
                 self._outs = (x, x._version, ys)
