@@ -221,3 +221,15 @@ def test_a_sibling_sees_its_input_changed_in_place():
         fresh = _siblings()[1]
         want = fresh(x)
     assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_output_of_the_wrong_size_is_never_written_by_address():
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    with use_routing(w), torch.no_grad():
+        q, k, v = _siblings()
+        k.base.register_forward_hook(lambda m, i, o: o[..., :-1].contiguous())  # one feature short
+        with pytest.raises(RuntimeError):  # torch refuses to add k's delta; no write past its end
+            q(torch.randn(1, 1, 16))
+        x = torch.randn(1, 1, 17)  # the wrong input width: the base refuses it first
+        with pytest.raises(RuntimeError):
+            q(x)

@@ -326,3 +326,25 @@ def test_a_preference_change_reuses_the_stacked_weights(pico_model, three_expert
     assert len(layer.group.kernels) == 2  # one kernel per preference, reused on the way back
     assert_close(outs[0], outs[2])
     assert (outs[0] - outs[1]).abs().max() > 1e-6
+
+
+def test_an_optimiser_step_inside_one_routing_block_reaches_the_inference_kernels():
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(3)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3)]
+    layer = HoELinear(
+        torch.nn.Linear(16, 12), "x", factors, routers=[([0, 1], torch.randn(2, 16), torch.randn(2))]
+    )
+    optimiser = torch.optim.SGD(layer.gates.parameters(), lr=1.0)
+    x = torch.randn(1, 1, 16)
+    with use_routing(torch.tensor([[0.2, 0.0, 0.8]])):
+        with torch.no_grad():
+            before = layer(x)  # builds this block's kernel
+        layer(x).square().sum().backward()  # the trainable path
+        optimiser.step()
+        with torch.no_grad():
+            after = layer(x)
+        reference = layer(x).detach()
+    assert not torch.allclose(before, after)  # the step moved the gates, and the kernel followed
+    assert_close(after, reference, atol=1e-5, rtol=1e-5)

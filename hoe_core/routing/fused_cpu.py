@@ -284,12 +284,14 @@ class FusedGroup:
             bias, starts = np.zeros(n_rank, np.float32), np.zeros(1, np.int64)
             maps = np.zeros((g_fixed.shape[0], 0, n_rank), np.float32)
         f = factors
+        self.n_in, self.out_sizes = f.weight.shape[1], f.members[:, 3].tolist()
         self.args = (f.weight, bias, n_rank, starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
 
     def accepts(self, x3: torch.Tensor) -> bool:
         """Whether input x3 (B, T, in) goes to the fused path."""
         return (
             x3.shape[0] * x3.shape[1] <= MAX_ROWS
+            and x3.shape[-1] == self.n_in
             and x3.dtype == self.dtype
             and x3.device.type == "cpu"
             and x3.is_contiguous()
@@ -299,17 +301,23 @@ class FusedGroup:
     def step(self, x3: torch.Tensor, ys: list) -> list[int]:
         """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
         input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. Returns the
-        members whose output it cannot write (another dtype, not contiguous, needs grad): the
-        caller adds theirs."""
+        members whose output it cannot write (another dtype or size, not contiguous, needs
+        grad): the caller adds theirs. The compiled call reads and writes by address, so
+        nothing reaches it unchecked."""
+        bsz, seq, _ = x3.shape
         addrs, skipped = [0] * len(ys), []
-        for m, y in enumerate(ys):
+        for m, (y, size) in enumerate(zip(ys, self.out_sizes)):
             if y is None:
                 continue
-            if y.dtype == self.dtype and y.is_contiguous() and not y.requires_grad:
+            if (
+                y.dtype == self.dtype
+                and y.is_contiguous()
+                and not y.requires_grad
+                and y.numel() == bsz * seq * size
+            ):
                 addrs[m] = y.data_ptr()
             else:
                 skipped.append(m)
-        bsz, seq, _ = x3.shape
         group_step(self.io, x3.data_ptr(), bsz * seq, seq, *self.args, np.array(addrs, np.int64))
         return skipped
 
