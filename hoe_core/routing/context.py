@@ -54,7 +54,6 @@ class Routing:
     gates: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     plans: dict[tuple, RoutePlan] = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # (layer, batch) -> that layer's mixture for this call
-    trains: bool = False  # a router was trained in this block: kernels check their gates per call
 
     def weights_for(self, batch: int) -> torch.Tensor:
         """(batch, K): rows repeated when generate expands the batch (beams, samples)."""

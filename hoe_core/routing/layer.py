@@ -162,9 +162,9 @@ class HoELinear(nn.Module):
         key = (self.group, x3.shape[0])
         kernel = routing.kernels.get(key)
         # a gate changed in place since the kernel was built (an optimiser step between two
-        # forwards of a routing block that trains): the group's first member (q, gate: HF
-        # calls it first) rebuilds, its siblings then read the new kernel
-        if kernel is None or (routing.trains and self.slot == 0 and kernel.versions and not kernel.current()):
+        # forwards of one routing block): the group's first member (q, gate: HF calls it
+        # first) rebuilds, its siblings then read the new kernel
+        if kernel is None or (self.slot == 0 and kernel.versions and not kernel.current()):
             kernel = routing.kernels[key] = self.group.kernel(routing, x3)
         return kernel(self, x, x3)
 
@@ -177,7 +177,6 @@ class HoELinear(nn.Module):
         return base.forward(x)
 
     def _forward_trainable(self, x: torch.Tensor, x3: torch.Tensor, routing) -> torch.Tensor:
-        routing.trains = True  # from now on this block's kernels check their gates' versions
         y = self.base(x)
         plan = routing.plan(x3.shape[0], self.n_experts, self.subsets, x3.device)
         act = self._active(plan)
