@@ -233,3 +233,43 @@ def test_an_output_of_the_wrong_size_is_never_written_by_address():
         x = torch.randn(1, 1, 17)  # the wrong input width: the base refuses it first
         with pytest.raises(RuntimeError):
             q(x)
+
+
+def test_inference_mode_tensors_have_no_version_and_still_get_the_group_step(monkeypatch):
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    layers = _siblings()
+    calls = _spy(monkeypatch)
+    with torch.inference_mode():
+        x = torch.randn(1, 1, 16)
+        with use_routing(w):
+            got = [layer(x) for layer in layers]
+    assert calls == ["group_step"] * 3  # no version to key a shared result on: each member alone
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    with use_routing(w), torch.no_grad():
+        want = [layer(x.clone()) for layer in _siblings()]
+    for a, b in zip(got, want):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_member_without_active_experts_costs_no_torch_mixture(monkeypatch):
+    from hoe_core.routing.kernel import Kernel
+
+    torch.manual_seed(5)
+    half = lambda *shape: torch.randn(*shape).half().float()  # noqa: E731
+    layers = {
+        "attn.q_proj": HoELinear(torch.nn.Linear(16, 12), "q", [(half(12, 2), half(2, 16))] * 3),
+        "attn.k_proj": HoELinear(torch.nn.Linear(16, 6), "k", [(half(6, 2), half(2, 16)), None, None]),
+    }
+    group_siblings(layers)
+    q, k = layers.values()
+    torch_calls = []
+    real = Kernel._hidden_torch
+    monkeypatch.setattr(Kernel, "_hidden_torch", lambda *a: torch_calls.append(1) or real(*a))
+    x = torch.randn(1, 1, 16)
+    with use_routing(torch.tensor([[0.0, 0.5, 0.5]])), torch.no_grad():  # expert 0 off: k has none
+        got_q, got_k = q(x), k(x)
+    assert not torch_calls
+    assert_close(got_k, k.base(x))
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    with use_routing(torch.tensor([[0.0, 0.5, 0.5]])), torch.no_grad():
+        assert_close(got_q, q(x), atol=1e-5, rtol=1e-5)

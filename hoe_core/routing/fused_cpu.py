@@ -293,7 +293,8 @@ class FusedGroup:
             x3.shape[0] * x3.shape[1] <= MAX_ROWS
             and x3.shape[-1] == self.n_in
             and x3.dtype == self.dtype
-            and x3.device.type == "cpu"
+            and x3.is_cpu
+            and x3.layout == torch.strided
             and x3.is_contiguous()
             and not x3.requires_grad
         )
@@ -301,16 +302,18 @@ class FusedGroup:
     def step(self, x3: torch.Tensor, ys: list) -> list[int]:
         """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
         input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. Returns the
-        members whose output it cannot write (another dtype or size, not contiguous, needs
-        grad): the caller adds theirs. The compiled call reads and writes by address, so
+        members whose output it cannot write (another dtype, size, device or layout, not
+        contiguous, needs grad): the caller adds theirs. The compiled call reads and writes by address, so
         nothing reaches it unchecked."""
         bsz, seq, _ = x3.shape
         addrs, skipped = [0] * len(ys), []
         for m, (y, size) in enumerate(zip(ys, self.out_sizes)):
-            if y is None:
+            if y is None or not size:  # no active expert in this member: nothing to add
                 continue
             if (
                 y.dtype == self.dtype
+                and y.is_cpu
+                and y.layout == torch.strided
                 and y.is_contiguous()
                 and not y.requires_grad
                 and y.numel() == bsz * seq * size

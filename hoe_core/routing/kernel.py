@@ -210,22 +210,23 @@ class Kernel:
         of all members and their deltas in one compiled call, and keeps the siblings' for
         their own calls with that same tensor (each handed out once).
         """
-        slot = layer.slot
+        slot, version = layer.slot, _version(x)
         last_x, last_version, outs = self._outs
-        if last_x is x and last_version == x._version and outs[slot] is not None:
+        if last_x is x and version is not None and last_version == version and outs[slot] is not None:
             y, outs[slot] = outs[slot], None
             return y
         if self.fused is not None and self.fused.accepts(x3):
-            if slot == 0:
+            share = slot == 0 and self.shared and version is not None
+            if share:
                 ys = [m._base_call(x) for m in self.members]
-            else:  # called out of order: this member alone
+            else:  # alone: called out of order, or an inference tensor (no version to key on)
                 ys = [None] * len(self.members)
                 ys[slot] = layer._base_call(x)
             for m in self.fused.step(x3, ys):  # outputs it cannot write: torch adds their deltas
                 ys[m] = self.add_delta(m, self.hidden(x, x3), ys[m])
             y, ys[slot] = ys[slot], None
-            if slot == 0 and self.shared:
-                self._outs = (x, x._version, ys)
+            if share:
+                self._outs = (x, version, ys)
             return y
         h = self.hidden(x, x3)
         y = layer._base_call(x)
@@ -234,14 +235,15 @@ class Kernel:
     def hidden(self, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor | None:
         """The group's gated low-rank activations h * g as (B*T, R) for input ``x`` (x3 = x
         as (B, T, in)), with torch ops; None when no expert is active."""
+        version = _version(x)
         last_x, last_version, last = self._last
-        if last_x is x and last_version == x._version:
+        if last_x is x and version is not None and last_version == version:
             return last
         if self.weight is None:
             return None
         h = self._hidden_torch(x3)
-        if self.shared:
-            self._last = (x, x._version, h)
+        if self.shared and version is not None:
+            self._last = (x, version, h)
         return h
 
     def _hidden_torch(self, x3: torch.Tensor) -> torch.Tensor:
@@ -275,6 +277,15 @@ class Kernel:
             return torch.addmm(y.reshape(-1, y.shape[-1]), h, b_t).view(y.shape)
         y.view(-1, y.shape[-1]).addmm_(h, b_t)  # no copy of y: the base just made it
         return y
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place update count, or None for an inference tensor (``torch.inference_mode``
+    keeps none: its siblings then get no shared results)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 def group_siblings(layers: dict) -> None:
