@@ -257,10 +257,6 @@ class Factors:
         half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
         return cls(_stored(weight, half), _stored(b_flat, half), np.array(members, np.int64).reshape(-1, 4))
 
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + self.b_flat.nbytes
-
 
 class FusedGroup:
     """One group's decode step for one preference: its :class:`Factors` (shared by every
@@ -289,35 +285,31 @@ class FusedGroup:
 
     def accepts(self, x3: torch.Tensor) -> bool:
         """Whether input x3 (B, T, in) goes to the fused path."""
+        return x3.shape[0] * x3.shape[1] <= MAX_ROWS and x3.shape[-1] == self.n_in and self._addressable(x3)
+
+    def _addressable(self, t: torch.Tensor) -> bool:
+        """Whether the compiled call may read or write ``t`` by address: a dense contiguous
+        CPU tensor of the activations' dtype that needs no grad."""
         return (
-            x3.shape[0] * x3.shape[1] <= MAX_ROWS
-            and x3.shape[-1] == self.n_in
-            and x3.dtype == self.dtype
-            and x3.is_cpu
-            and x3.layout == torch.strided
-            and x3.is_contiguous()
-            and not x3.requires_grad
+            t.dtype == self.dtype
+            and t.is_cpu
+            and t.layout == torch.strided
+            and t.is_contiguous()
+            and not t.requires_grad
         )
 
     def step(self, x3: torch.Tensor, ys: list) -> list[int]:
         """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
         input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. Returns the
-        members whose output it cannot write (another dtype, size, device or layout, not
-        contiguous, needs grad): the caller adds theirs. The compiled call reads and writes by address, so
-        nothing reaches it unchecked."""
+        members whose output it cannot write (another size, or not :meth:`_addressable`): the
+        caller adds theirs. The compiled call reads and writes by address, so nothing reaches
+        it unchecked."""
         bsz, seq, _ = x3.shape
         addrs, skipped = [0] * len(ys), []
         for m, (y, size) in enumerate(zip(ys, self.out_sizes)):
             if y is None or not size:  # no active expert in this member: nothing to add
                 continue
-            if (
-                y.dtype == self.dtype
-                and y.is_cpu
-                and y.layout == torch.strided
-                and y.is_contiguous()
-                and not y.requires_grad
-                and y.numel() == bsz * seq * size
-            ):
+            if self._addressable(y) and y.numel() == bsz * seq * size:
                 addrs[m] = y.data_ptr()
             else:
                 skipped.append(m)
@@ -335,9 +327,11 @@ def warm_up(dtype: torch.dtype) -> None:
     x, y = torch.zeros(1, 1, 2, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype)
     bias, starts = np.zeros(3, np.float32), np.array([0, 1], np.int64)
     g_fixed, maps = np.ones((1, 2), np.float32), np.zeros((1, 1, 2), np.float32)
-    members, addrs = np.array([[0, 0, 2, 2]], np.int64), np.array([y.data_ptr()], np.int64)
+    addrs = np.array([y.data_ptr()], np.int64)
     for fill in [0.5] if dtype == torch.bfloat16 else [0.1, 0.5]:  # float32 factors: as is, as float16
-        w, b_flat = (torch.full(shape, fill, dtype=dtype) for shape in ((3, 2), (4,)))
-        half = _exact_in_half(w)
-        w, b_flat = _stored(w, half), _stored(b_flat, half)
-        group_step(io, x.data_ptr(), 1, 1, w, bias, 2, starts, g_fixed, maps, b_flat, members, addrs)
+        f = Factors.pack(
+            torch.full((3, 2), fill, dtype=dtype), [torch.full((2, 2), fill, dtype=dtype)], [(0, 2)]
+        )
+        group_step(
+            io, x.data_ptr(), 1, 1, f.weight, bias, 2, starts, g_fixed, maps, f.b_flat, f.members, addrs
+        )

@@ -183,7 +183,7 @@ class Kernel:
     b_ts: list[torch.Tensor | None]  # per member (R_m, out_m)
     spans: list[tuple[int, int]]  # per member its columns of h
     versions: tuple  # (gate tensor, its version when stacked)
-    shared: bool  # several members: keep the last h for the siblings
+    shared: bool  # several members: keep the last h (or fused outputs) for the siblings
     fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: one compiled call, small inputs
     members: list = field(default_factory=list)  # the group's HoE layers, in slot order
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
