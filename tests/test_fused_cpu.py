@@ -105,7 +105,7 @@ def _layer(seed=2, dtype=torch.float32):
 
 def _spy(monkeypatch):
     calls = []
-    for name in ("group_step",):
+    for name in ("group_step", "gate_rows"):
         real = getattr(fused_cpu, name)
         monkeypatch.setattr(fused_cpu, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     return calls
@@ -144,16 +144,59 @@ def test_prefill_and_other_dtypes_stay_on_torch(monkeypatch):
     w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
     with use_routing(w), torch.no_grad():
         layer(torch.randn(1, fused_cpu.MAX_ROWS + 1, 16))  # a prompt: torch's GEMMs
-        assert not calls
+        assert calls == ["gate_rows"]  # only the routers' gating is compiled
+        calls.clear()
         wide = layer.base.register_forward_hook(lambda m, i, o: o.double())  # the base returns float64
         x = torch.randn(1, 1, 16)
         got = layer(x)
         wide.remove()
     assert got.dtype == torch.float64
-    assert calls == ["group_step"]  # h fused; the delta added by torch in the base's dtype
+    assert calls == ["group_step", "gate_rows"]  # then torch adds the delta in the base's dtype
     with use_routing(w):
         want = layer(x)  # the differentiable reference
     assert_close(got, want.detach().double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("weights", "gated"),
+    [
+        ([[0.2, 0.0, 0.1, 0.3, 0.4]], True),  # routers of two block sizes
+        ([[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.0, 0.5]], True),  # rows differ
+        ([[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]], False),  # no router: nothing to gate
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_gating_is_one_compiled_call_and_equals_the_torch_path(monkeypatch, weights, gated, dtype):
+    w = torch.tensor(weights)
+    x = torch.randn(w.shape[0], 7, 16).to(dtype)  # a prompt of 7 tokens per row
+    calls = _spy(monkeypatch)
+    with use_routing(w), torch.no_grad():
+        got = [layer(x) for layer in _siblings(dtype)]
+    assert calls == (["gate_rows"] if gated and dtype == torch.float32 else [])  # one per group
+    monkeypatch.setenv("HOE_FUSED_CPU", "0")
+    with use_routing(w), torch.no_grad():
+        want = [layer(x) for layer in _siblings(dtype)]
+    with use_routing(w):
+        reference = [layer(x).detach() for layer in _siblings(dtype)]  # differentiable path
+    for a, b, c in zip(got, want, reference):
+        assert a.dtype == dtype
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert_close(a, c, atol=tol, rtol=tol)
+
+
+def test_prefill_gating_leaves_inputs_it_cannot_address_to_torch(monkeypatch):
+    """A kernel built for one batch row is never handed a wider z by address."""
+    layer = _layer()
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
+    with use_routing(w) as routing, torch.no_grad():
+        layer(torch.randn(1, 1, 16))
+    kernel = next(iter(routing.kernels.values()))
+    z = torch.randn(2, 5, kernel.weight.shape[0])  # two rows: not this kernel's batch
+    assert not kernel.fused.gate(z.clone())
+    assert not kernel.fused.gate(torch.randn(1, 5, z.shape[-1] + 1)[..., :-1])  # rows not adjacent
+    one = z[:1].clone()
+    assert kernel.fused.gate(one) and not torch.equal(one, z[:1])
 
 
 def test_turned_off_by_the_environment(monkeypatch):

@@ -15,8 +15,9 @@ bundle), so they are kept as compactly as they are exact: float32 factors that a
 values (the shipped bundles store float16) are held as float16 and widened in the loop
 (``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Activations are float32
 or bfloat16 (as uint16 bit patterns, widened row by row; the sums run in float32 and y is
-rounded to nearest even once). Larger inputs (prefill) stay on torch, whose GEMMs win
-there. The results equal the torch path up to rounding (the sums are reassociated);
+rounded to nearest even once). Larger inputs (prefill) keep torch's GEMMs, which win
+there; at float32 the routers' gating between them (softmax, maps, product: five small
+torch ops per group) is one compiled call, :func:`gate_rows`, in place. The results equal the torch path up to rounding (the sums are reassociated);
 ``tests/test_fused_cpu.py``. Set ``HOE_FUSED_CPU=0`` to turn the kernel off (it is also off
 when numba is missing).
 """
@@ -132,6 +133,35 @@ if numba is not None:
 
 
 @_jit
+def gate_row(out, b_row, n_rank, starts, g_fixed, maps, g, h_row):  # pragma: no cover - compiled
+    """One row's gated h from its logits: h_row = out[:R] * g with
+    g = g_fixed[b_row] + sum_p softmax(out[R + block p]) maps[b_row, block p].
+
+    out (R + S,) float32: A x, then the gate logits (overwritten by their softmax); b_row
+    the row's batch row; starts, g_fixed, maps as in :func:`hidden_rows`; g (R,) float32
+    scratch; h_row (R,) float32 out, which may be ``out[:R]`` itself (in place).
+    """
+    for r in range(n_rank):
+        g[r] = g_fixed[b_row, r]
+    for blk in range(starts.shape[0] - 1):
+        lo = n_rank + starts[blk]
+        hi = n_rank + starts[blk + 1]
+        top = out[lo]
+        for s in range(lo + 1, hi):
+            top = max(top, out[s])
+        total = np.float32(0.0)
+        for s in range(lo, hi):
+            out[s] = np.exp(out[s] - top)
+            total += out[s]
+        for s in range(lo, hi):
+            p = out[s] / total
+            for r in range(n_rank):
+                g[r] += p * maps[b_row, s - n_rank, r]
+    for r in range(n_rank):
+        h_row[r] = out[r] * g[r]
+
+
+@_jit
 def hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
     """Gated low-rank activations of one group.
 
@@ -144,33 +174,27 @@ def hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no c
     """
     n, n_in = x.shape
     out = np.empty(w.shape[0], np.float32)
+    g = np.empty(n_rank, np.float32)
     x_buf = np.empty(n_in, np.float32)
     for i in range(n):
-        row = i // seq
         x_row = as_f32(x[i], x_buf)
         for k in range(w.shape[0]):
             acc = np.float32(0.0)
             for j in range(n_in):
                 acc += widen(w[k, j]) * x_row[j]
             out[k] = acc + b[k]
-        for r in range(n_rank):
-            h[i, r] = g_fixed[row, r]
-        for blk in range(starts.shape[0] - 1):
-            lo = n_rank + starts[blk]
-            hi = n_rank + starts[blk + 1]
-            top = out[lo]
-            for s in range(lo + 1, hi):
-                top = max(top, out[s])
-            total = np.float32(0.0)
-            for s in range(lo, hi):
-                out[s] = np.exp(out[s] - top)
-                total += out[s]
-            for s in range(lo, hi):
-                p = out[s] / total
-                for r in range(n_rank):
-                    h[i, r] += p * maps[row, s - n_rank, r]
-        for r in range(n_rank):
-            h[i, r] *= out[r]
+        gate_row(out, i // seq, n_rank, starts, g_fixed, maps, g, h[i])
+
+
+@_jit
+def gate_rows(z_addr, n, width, seq, n_rank, starts, g_fixed, maps):  # pragma: no cover - compiled
+    """Prefill's gating, in place: rows (n, R + S) float32 at ``z_addr`` hold A x, then the
+    gate logits plus their biases (one torch GEMM made them); each row's first R columns
+    become its gated h (:func:`gate_row`). seq = T as in :func:`hidden_rows`."""
+    z = numba.carray(_address(z_addr), (n, width), np.float32)
+    g = np.empty(n_rank, np.float32)
+    for i in range(n):
+        gate_row(z[i], i // seq, n_rank, starts, g_fixed, maps, g, z[i, :n_rank])
 
 
 @_jit
@@ -282,6 +306,9 @@ class FusedGroup:
         f = factors
         self.n_in, self.out_sizes = f.weight.shape[1], f.members[:, 3].tolist()
         self.args = (f.weight, bias, n_rank, starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
+        self.routed = kernel.maps is not None
+        self.gate_args = (n_rank, starts, g_fixed, maps)  # gate_rows'
+        self.z_shape = (g_fixed.shape[0], n_rank + maps.shape[1])  # (B, R + S) of gate()'s input
 
     def accepts(self, x3: torch.Tensor) -> bool:
         """Whether input x3 (B, T, in) goes to the fused path."""
@@ -297,6 +324,22 @@ class FusedGroup:
             and t.is_contiguous()
             and not t.requires_grad
         )
+
+    def gate(self, z: torch.Tensor) -> bool:
+        """Prefill's gating in one compiled call: z (B, T, R + S) float32, a fresh GEMM's
+        A x and gate logits, becomes (..., :R) = the gated h, in place (:func:`gate_rows`).
+        False, z untouched, when there is nothing to gate (no routers) or z is not the
+        contiguous float32 CPU tensor of this group's batch and width: torch gates it."""
+        bsz, seq, width = z.shape
+        if (
+            not self.routed
+            or (bsz, width) != self.z_shape
+            or z.dtype != torch.float32
+            or not self._addressable(z)
+        ):
+            return False
+        gate_rows(z.data_ptr(), bsz * seq, width, seq, *self.gate_args)
+        return True
 
     def step(self, x3: torch.Tensor, ys: list) -> list[int]:
         """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
@@ -335,3 +378,6 @@ def warm_up(dtype: torch.dtype) -> None:
         group_step(
             io, x.data_ptr(), 1, 1, f.weight, bias, 2, starts, g_fixed, maps, f.b_flat, f.members, addrs
         )
+    if dtype == torch.float32:  # prefill's gating
+        z = torch.zeros(1, 3)
+        gate_rows(z.data_ptr(), 1, 3, 1, 2, starts, g_fixed, maps)

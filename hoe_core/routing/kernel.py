@@ -18,7 +18,8 @@ the base's fresh output in place (no copy of y).
 On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
 kernels run :mod:`hoe_core.routing.fused_cpu` instead, with the same math: the first
 member called computes every member's base output, then one compiled call adds all their
-deltas; the siblings' outputs wait for their calls.
+deltas; the siblings' outputs wait for their calls. Prefill keeps the torch GEMMs, with
+the routers' gating in between compiled (float32).
 
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request); the weights they stack are cached per group and active set, so a preference
@@ -27,7 +28,7 @@ change only recomputes the small (B, S, R) maps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import attrgetter
 
@@ -46,6 +47,7 @@ class SiblingGroup:
         self.members = members
         self.stacks: dict = {}  # (plan key, device, gate versions) -> _Stacked
         self.kernels: dict = {}  # (weights, plan key, device, gate versions) -> Kernel, recent preferences
+        self.params: dict = {}  # routers -> their gate tensors in the members (see _gate_params)
         for slot, m in enumerate(members):
             m.group, m.slot = self, slot
 
@@ -54,14 +56,26 @@ class SiblingGroup:
         recent preference's kernel is reused (a fresh copy: the sibling state is per call)."""
         lead = self.members[0]
         plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
-        stacked = self._stacked(plan)
-        key = (plan.weights_key, plan.key, plan.device, tuple(t._version for t in stacked.gate_params))
+        routers = tuple(p for p, _ in plan.routers)
+        versions = tuple(map(_VERSION, self._gate_params(routers)))
+        stacked = self._stacked(plan, routers, versions)
+        key = (plan.weights_key, plan.key, plan.device, versions)
         kernel = self.kernels.get(key)
         if kernel is None:
             kernel = self.kernels[key] = self._build(plan, stacked, x.shape[0])
             while len(self.kernels) > _CACHE_SIZE:
                 self.kernels.pop(next(iter(self.kernels)), None)
-        return replace(kernel)
+        return kernel.fresh()
+
+    def _gate_params(self, routers: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Every member's gate weight and bias of ``routers``, looked up once (``add_router``,
+        the one way to change a layer's gates, clears this)."""
+        params = self.params.get(routers)
+        if params is None:
+            params = self.params[routers] = tuple(
+                t for m in self.members for p in routers for t in (m.gates[p].weight, m.gates[p].bias)
+            )
+        return params
 
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
         kernel = self._build_torch(plan, stacked, batch)
@@ -105,15 +119,14 @@ class SiblingGroup:
             *out,
         )
 
-    def _stacked(self, plan) -> _Stacked:
+    def _stacked(self, plan, routers: tuple[int, ...], versions: tuple[int, ...]) -> _Stacked:
         """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
-        gate's weights change (``_version`` counts in-place updates)."""
-        routers = [p for p, _ in plan.routers]
-        params = [t for m in self.members for p in routers for t in (m.gates[p].weight, m.gates[p].bias)]
-        key = (plan.key, plan.device, tuple(t._version for t in params))
+        gate's weights change (``versions``: the routers' gate tensors' ``_version``, which
+        counts in-place updates)."""
+        key = (plan.key, plan.device, versions)
         stacked = self.stacks.get(key)
         if stacked is None:
-            stacked = self.stacks[key] = self._stack(plan, routers)
+            stacked = self.stacks[key] = self._stack(plan, list(routers))
             while len(self.stacks) > _CACHE_SIZE:  # a few recent plans (users at different preferences)
                 self.stacks.pop(next(iter(self.stacks)), None)
         return stacked
@@ -198,6 +211,14 @@ class Kernel:
             tuple(v for _, v in self.versions),
         )
 
+    def fresh(self) -> Kernel:
+        """A copy for one call: the same weights, no sibling state (``dataclasses.replace``
+        without re-running ``__init__``, once per group and call)."""
+        kernel = object.__new__(Kernel)
+        kernel.__dict__.update(self.__dict__)
+        kernel._last = kernel._outs = (None, -1, None)
+        return kernel
+
     def current(self) -> bool:
         """False once a gate changed in place (an optimiser step) since this kernel was built."""
         return tuple(map(_VERSION, self._gates)) == self._gate_versions
@@ -247,9 +268,12 @@ class Kernel:
         return h
 
     def _hidden_torch(self, x3: torch.Tensor) -> torch.Tensor:
-        """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes)."""
+        """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes);
+        on the CPU at float32 the routers' gating after the GEMM is one compiled call."""
         xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
+        if self.fused is not None and self.fused.gate(h):  # gated in place, one compiled call
+            return h.view(-1, h.shape[-1])[:, : self.n_rank]  # (B*T, R), rows R + S apart
         if self.maps is not None:
             h, z = h.split(self.split, -1)  # (B, T, R), (B, T, S) gate logits
             if self.block:  # gate blocks of one size: one softmax over a view
@@ -260,7 +284,7 @@ class Kernel:
             h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
         elif self.g_fixed is not None:
             h = h * self.g_fixed
-        return h.view(-1, h.shape[-1])  # (B*T, R): every path above leaves h contiguous
+        return h.view(-1, h.shape[-1])  # (B*T, R): every torch path above leaves h contiguous
 
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)

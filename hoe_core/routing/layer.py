@@ -105,6 +105,7 @@ class HoELinear(nn.Module):
         self._cache.clear()
         self.group.stacks.clear()
         self.group.kernels.clear()
+        self.group.params.clear()
         return gate
 
     def expert_gates(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
