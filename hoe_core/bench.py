@@ -14,7 +14,8 @@ Per precision (fp32, bf16, int8, nf4) it measures
 
 Every figure is the median of ``repeats`` runs after a warm-up, and every ratio is taken
 between figures of the same run (the machine is shared and noisy). The backbone and HoE,
-whose ratio is a target, are timed interleaved run by run, so drift hits both alike. Greedy decoding with
+whose ratio is a target, are timed interleaved run by run, so drift hits both alike; their
+per-round ratios give each such target a bootstrap interval (how far to trust it). Greedy decoding with
 EOS suppressed (``min_new_tokens``), so every method decodes exactly the same number of
 tokens.
 """
@@ -64,7 +65,7 @@ class BenchConfig:
     new_tokens: int = 32
     batch: int = 8
     repeats: int = 3
-    pair_repeats: int = 9  # rounds of backbone vs HoE, timed interleaved (their ratios are targets)
+    pair_repeats: int = 15  # rounds of backbone vs HoE, timed interleaved (their ratios are targets)
     device: str = "cpu"
     bandwidth_mib: int = 256  # copy benchmark buffer
 
@@ -258,6 +259,7 @@ class MethodResult:
     bytes_per_token_mib: float | None = None
     roofline_fraction: float | None = None
     note: str = ""
+    paired: dict | None = None  # per interleaved round, this figure / the backbone's: decode, switch
 
 
 @dataclass
@@ -331,6 +333,14 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
                 ctx, overhead = m.prepare(target, 1)
                 first = _generate_timed(m.model, single, 2, ctx).first_token_s
                 switches[m.name].append((overhead + first, overhead))
+        ref = methods[0].name  # the backbone, when methods are paired
+        paired = {  # per round, against the run just before it (drift hits both alike)
+            m.name: {
+                "decode": [a.tokens_per_s / b.tokens_per_s for a, b in zip(singles[m.name], singles[ref])],
+                "switch": [a / b for (a, _), (b, _) in zip(switches[m.name], switches[ref])],
+            }
+            for m in methods[1:]
+        }
         for m in methods:
             with RssPeak() as mem:  # the batch dominates the peak
                 ctx, _ = m.prepare(lam, cfg.batch)
@@ -348,6 +358,7 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
                 mem.peak / 2**20,
                 m.weight_mib,
                 note=m.note,
+                paired=paired.get(m.name),
             )
             finish(m.name, res, m.extra_bytes)
 
@@ -548,13 +559,20 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
         if r.error or base is None or hoe is None or hoe.single_tok_s is None:
             continue
 
-        def add(name, value, goal, higher=True, r=r):
+        def add(name, value, goal, higher=True, r=r, paired=None):
             ok = value >= goal if higher else value <= goal
             out.append(
                 {"precision": r.precision, "target": name, "value": value, "goal": goal, "met": bool(ok)}
+                | ({"paired": median_interval(paired)} if paired else {})
             )
 
-        add("HoE / backbone decode tok/s (single stream)", hoe.single_tok_s / base.single_tok_s, 0.90)
+        rounds = hoe.paired or {}
+        add(
+            "HoE / backbone decode tok/s (single stream)",
+            hoe.single_tok_s / base.single_tok_s,
+            0.90,
+            paired=rounds.get("decode"),
+        )
         if m.get("mod") and m["mod"].single_tok_s:
             add("HoE / MOD decode tok/s (single stream)", hoe.single_tok_s / m["mod"].single_tok_s, 2.5)
         add(  # the backbone's first token in the same interleaved rounds (same prompt, same call)
@@ -562,6 +580,7 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
             hoe.switch_first_token_s / base.switch_first_token_s,
             1.1,
             higher=False,
+            paired=rounds.get("switch"),
         )
         p = r.params
         if p.get("backbone"):
@@ -572,6 +591,22 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
                 higher=False,
             )
     return out
+
+
+def median_interval(values: Sequence[float], level: float = 0.9, resamples: int = 2000) -> dict:
+    """The median of per-round ratios and a percentile-bootstrap ``level`` interval for it
+    (seeded: the same rounds give the same interval). How far a ratio of this run can be
+    trusted on a noisy machine: a target whose interval straddles the goal is within noise."""
+    v = np.asarray(values, float)
+    medians = np.median(np.random.default_rng(0).choice(v, (resamples, v.size)), axis=1)
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "median": float(np.median(v)),
+        "low": float(lo),
+        "high": float(hi),
+        "level": level,
+        "rounds": v.size,
+    }
 
 
 # ---------------------------------------------------------------------------- the report
@@ -644,10 +679,26 @@ def markdown_report(results: dict, command: str) -> str:
                 f"{q['roofline_tok_s']:.1f} tok/s if every weight byte is read once per token.",
             ]
         lines.append("")
-    lines += ["## Targets", "", "| precision | target | measured | goal | met |", "|---|---|---|---|---|"]
+    lines += [
+        "## Targets",
+        "",
+        "Measured: the ratio of the two medians. Paired: the median of the per-round ratios (each HoE "
+        "run over the backbone run just before it) with a bootstrap interval, to show how far the "
+        "measured ratio can be trusted on this machine.",
+        "",
+        "| precision | target | measured | paired: median [interval] | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in results["targets"]:
         op = "≥" if "parameters" not in t["target"] and "first token" not in t["target"] else "≤"
+        q = t.get("paired")
+        paired = (
+            f"{q['median']:.2f} [{q['low']:.2f}, {q['high']:.2f}] ({q['level']:.0%}, {q['rounds']} rounds)"
+            if q
+            else "–"
+        )
         lines.append(
-            f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {op} {t['goal']} | {'yes' if t['met'] else 'no'} |"
+            f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {paired} | {op} {t['goal']} "
+            f"| {'yes' if t['met'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"

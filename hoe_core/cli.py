@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch", type=int, default=8)
     k.add_argument("--repeats", type=int, default=3)
     k.add_argument(
-        "--pair-repeats", type=int, default=9, help="interleaved backbone/HoE rounds (single stream, switch)"
+        "--pair-repeats", type=int, default=15, help="interleaved backbone/HoE rounds (single stream, switch)"
     )
     k.add_argument("--device", default="cpu")
     k.add_argument("--command", default=None, help=argparse.SUPPRESS)

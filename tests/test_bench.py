@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hoe_core.bench import BenchConfig, markdown_report, memory_bandwidth, run_bench
+from hoe_core.bench import BenchConfig, markdown_report, median_interval, memory_bandwidth, run_bench
 from hoe_core.bundle import load_bundle
 
 
@@ -42,11 +42,30 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
     assert hoe_vs_base["value"] == pytest.approx(
         methods["hoe"]["single_tok_s"] / methods["backbone"]["single_tok_s"]
     )
+    for t in results["targets"]:  # HoE's ratios to the backbone come with their paired rounds
+        if t["target"].startswith(("HoE / backbone", "HoE preference change")):
+            q = t["paired"]
+            assert q["rounds"] == (1 if "decode" in t["target"] else 2)  # switch: lambda2, then lambda
+            assert q["low"] <= q["median"] <= q["high"]
+        else:
+            assert "paired" not in t
     report = markdown_report(results, "python -m hoe_core bench --test")
+    assert "1 rounds)" in report and "2 rounds)" in report
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
     code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
     assert code["git_commit"] is None or f"Code: commit {code['git_commit'][:10]} (" in report
+
+
+def test_median_interval_narrows_with_agreeing_rounds():
+    same = median_interval([0.9] * 15)
+    assert same == {"median": 0.9, "low": 0.9, "high": 0.9, "level": 0.9, "rounds": 15}
+    rng = np.random.default_rng(1)
+    noisy, noisier = 0.9 + 0.02 * rng.standard_normal(15), 0.9 + 0.2 * rng.standard_normal(15)
+    a, b = median_interval(noisy), median_interval(noisier)
+    assert a["low"] <= a["median"] <= a["high"] and b["low"] <= b["median"] <= b["high"]
+    assert a["high"] - a["low"] < b["high"] - b["low"]
+    assert median_interval(noisy) == a  # seeded: reproducible from the same rounds
 
 
 def test_bench_config_rejects_bad_settings():
