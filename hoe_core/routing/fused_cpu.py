@@ -16,10 +16,11 @@ values (the shipped bundles store float16) are held as float16 and widened in th
 (``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Activations are float32
 or bfloat16 (as uint16 bit patterns, widened row by row; the sums run in float32 and y is
 rounded to nearest even once). Larger inputs (prefill) keep torch's GEMMs, which win
-there; at float32 the routers' gating between them (softmax, maps, product: five small
-torch ops per group) is one compiled call, :func:`gate_rows`, in place. The results equal the torch path up to rounding (the sums are reassociated);
-``tests/test_fused_cpu.py``. Set ``HOE_FUSED_CPU=0`` to turn the kernel off (it is also off
-when numba is missing).
+there (bfloat16 models compute them in float32 on the CPU); the routers' gating between
+them (softmax, maps, product: five small torch ops per group) is one compiled call,
+:func:`gate_rows`, in place. The results equal the torch path up to rounding (the sums are
+reassociated); ``tests/test_fused_cpu.py``. Set ``HOE_FUSED_CPU=0`` to turn the kernel
+off (it is also off when numba is missing).
 """
 
 from __future__ import annotations
@@ -314,11 +315,11 @@ class FusedGroup:
         """Whether input x3 (B, T, in) goes to the fused path."""
         return x3.shape[0] * x3.shape[1] <= MAX_ROWS and x3.shape[-1] == self.n_in and self._addressable(x3)
 
-    def _addressable(self, t: torch.Tensor) -> bool:
+    def _addressable(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
         """Whether the compiled call may read or write ``t`` by address: a dense contiguous
-        CPU tensor of the activations' dtype that needs no grad."""
+        CPU tensor of ``dtype`` (default: the activations') that needs no grad."""
         return (
-            t.dtype == self.dtype
+            t.dtype == (dtype or self.dtype)
             and t.is_cpu
             and t.layout == torch.strided
             and t.is_contiguous()
@@ -326,17 +327,13 @@ class FusedGroup:
         )
 
     def gate(self, z: torch.Tensor) -> bool:
-        """Prefill's gating in one compiled call: z (B, T, R + S) float32, a fresh GEMM's
-        A x and gate logits, becomes (..., :R) = the gated h, in place (:func:`gate_rows`).
+        """Prefill's gating in one compiled call: z (B, T, R + S) float32 (on the CPU the
+        torch kernels compute bfloat16 in float32 too), a fresh GEMM's A x and gate logits,
+        becomes (..., :R) = the gated h, in place (:func:`gate_rows`).
         False, z untouched, when there is nothing to gate (no routers) or z is not the
         contiguous float32 CPU tensor of this group's batch and width: torch gates it."""
         bsz, seq, width = z.shape
-        if (
-            not self.routed
-            or (bsz, width) != self.z_shape
-            or z.dtype != torch.float32
-            or not self._addressable(z)
-        ):
+        if not self.routed or (bsz, width) != self.z_shape or not self._addressable(z, torch.float32):
             return False
         gate_rows(z.data_ptr(), bsz * seq, width, seq, *self.gate_args)
         return True
