@@ -596,17 +596,18 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
 def median_interval(values: Sequence[float], level: float = 0.9, resamples: int = 2000) -> dict:
     """The median of per-round ratios and a percentile-bootstrap ``level`` interval for it
     (seeded: the same rounds give the same interval). How far a ratio of this run can be
-    trusted on a noisy machine: a target whose interval straddles the goal is within noise."""
+    trusted on a noisy machine: a target whose interval straddles the goal is within noise.
+    Below :data:`MIN_INTERVAL_SAMPLES` ratios no interval is given (low, high None): a
+    bootstrap of one or two values would look like certainty."""
     v = np.asarray(values, float)
-    medians = np.median(np.random.default_rng(0).choice(v, (resamples, v.size)), axis=1)
-    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
-    return {
-        "median": float(np.median(v)),
-        "low": float(lo),
-        "high": float(hi),
-        "level": level,
-        "rounds": v.size,
-    }
+    out = {"median": float(np.median(v)), "low": None, "high": None, "level": level, "n": v.size}
+    if v.size >= MIN_INTERVAL_SAMPLES:
+        medians = np.median(np.random.default_rng(0).choice(v, (resamples, v.size)), axis=1)
+        out["low"], out["high"] = (float(q) for q in np.quantile(medians, [(1 - level) / 2, (1 + level) / 2]))
+    return out
+
+
+MIN_INTERVAL_SAMPLES = 5
 
 
 # ---------------------------------------------------------------------------- the report
@@ -682,9 +683,10 @@ def markdown_report(results: dict, command: str) -> str:
     lines += [
         "## Targets",
         "",
-        "Measured: the ratio of the two medians. Paired: the median of the per-round ratios (each HoE "
-        "run over the backbone run just before it) with a bootstrap interval, to show how far the "
-        "measured ratio can be trusted on this machine.",
+        "Measured: the ratio of the two medians. Paired: the median of the per-run ratios (each HoE "
+        "run over the backbone run just before it; n runs: one per round for decode, two per round "
+        "for the first token, after a change to each preference) with a bootstrap interval, to show "
+        "how far the measured ratio can be trusted on this machine.",
         "",
         "| precision | target | measured | paired: median [interval] | goal | met |",
         "|---|---|---|---|---|---|",
@@ -692,11 +694,12 @@ def markdown_report(results: dict, command: str) -> str:
     for t in results["targets"]:
         op = "≥" if "parameters" not in t["target"] and "first token" not in t["target"] else "≤"
         q = t.get("paired")
-        paired = (
-            f"{q['median']:.2f} [{q['low']:.2f}, {q['high']:.2f}] ({q['level']:.0%}, {q['rounds']} rounds)"
-            if q
-            else "–"
-        )
+        if not q:
+            paired = "–"
+        elif q["low"] is None:
+            paired = f"{q['median']:.2f} (n={q['n']}: too few for an interval)"
+        else:
+            paired = f"{q['median']:.2f} [{q['low']:.2f}, {q['high']:.2f}] ({q['level']:.0%}, n={q['n']})"
         lines.append(
             f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {paired} | {op} {t['goal']} "
             f"| {'yes' if t['met'] else 'no'} |"

@@ -45,12 +45,12 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
     for t in results["targets"]:  # HoE's ratios to the backbone come with their paired rounds
         if t["target"].startswith(("HoE / backbone", "HoE preference change")):
             q = t["paired"]
-            assert q["rounds"] == (1 if "decode" in t["target"] else 2)  # switch: lambda2, then lambda
-            assert q["low"] <= q["median"] <= q["high"]
+            assert q["n"] == (1 if "decode" in t["target"] else 2)  # switch: lambda2, then lambda
+            assert q["low"] is None and q["high"] is None  # one round: no interval pretended
         else:
             assert "paired" not in t
     report = markdown_report(results, "python -m hoe_core bench --test")
-    assert "1 rounds)" in report and "2 rounds)" in report
+    assert "(n=1: too few for an interval)" in report and "(n=2: too few for an interval)" in report
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
     code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
@@ -59,7 +59,8 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
 
 def test_median_interval_narrows_with_agreeing_rounds():
     same = median_interval([0.9] * 15)
-    assert same == {"median": 0.9, "low": 0.9, "high": 0.9, "level": 0.9, "rounds": 15}
+    assert same == {"median": 0.9, "low": 0.9, "high": 0.9, "level": 0.9, "n": 15}
+    assert median_interval([0.8, 0.9, 1.0, 0.95])["low"] is None  # too few to bootstrap
     rng = np.random.default_rng(1)
     noisy, noisier = 0.9 + 0.02 * rng.standard_normal(15), 0.9 + 0.2 * rng.standard_normal(15)
     a, b = median_interval(noisy), median_interval(noisier)

@@ -51,7 +51,9 @@ def available() -> bool:
 
 
 def _jit(fn):
-    return numba.njit(cache=True, fastmath=_FASTMATH)(fn) if numba is not None else fn
+    # nogil: the kernels touch only arrays, so request threads (routing is per thread) run
+    # them side by side
+    return numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(fn) if numba is not None else fn
 
 
 # Storage formats, told apart by numpy dtype inside compiled code: float32 as is, bfloat16
@@ -284,11 +286,12 @@ class Factors:
 
 
 class FusedGroup:
-    """One group's decode step for one preference: its :class:`Factors` (shared by every
-    preference with the same active set) and the small per-preference maps as float32.
+    """One group's compiled calls for one preference: the decode step (:meth:`step`) and
+    prefill's gating (:meth:`gate`). Holds the :class:`Factors` (shared by every preference
+    with the same active set) and the small per-preference maps as float32.
 
-    The input and the members' base outputs are passed by address, so they must be
-    contiguous and of the activations' dtype; :meth:`accepts` and :meth:`step` check that.
+    Tensors are passed by address, so they must be contiguous and of the dtype the call
+    expects; :meth:`accepts`, :meth:`step` and :meth:`gate` check that.
     """
 
     def __init__(self, factors: Factors, dtype: torch.dtype, n_rank: int, g_fixed, kernel) -> None:
@@ -375,6 +378,5 @@ def warm_up(dtype: torch.dtype) -> None:
         group_step(
             io, x.data_ptr(), 1, 1, f.weight, bias, 2, starts, g_fixed, maps, f.b_flat, f.members, addrs
         )
-    if dtype == torch.float32:  # prefill's gating
-        z = torch.zeros(1, 3)
-        gate_rows(z.data_ptr(), 1, 3, 1, 2, starts, g_fixed, maps)
+    z = torch.zeros(1, 3)  # prefill's gating: float32 for both (bfloat16 computes in float32)
+    gate_rows(z.data_ptr(), 1, 3, 1, 2, starts, g_fixed, maps)

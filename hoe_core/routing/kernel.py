@@ -13,7 +13,8 @@ The first member called computes the group's gated h and keeps it with the input
 from; the others reuse it while they are called with that same tensor (HF calls q, k and v
 on one ``hidden_states``). Without live routers and with one batch row the weights fold
 into A: per group one matmul, then one addmm per member. The delta is accumulated into
-the base's fresh output in place (no copy of y).
+the base's fresh output in place (no copy of y; a bfloat16 y on the CPU gets its float32
+delta added in place, see :meth:`_Stacked.compute_factors`).
 
 On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
 kernels run :mod:`hoe_core.routing.fused_cpu` instead, with the same math: the first
@@ -45,9 +46,8 @@ class SiblingGroup:
 
     def __init__(self, members: list) -> None:
         self.members = members
-        self.stacks: dict = {}  # (plan key, device, gate versions) -> _Stacked
-        self.kernels: dict = {}  # (weights, plan key, device, gate versions) -> Kernel, recent preferences
-        self.params: dict = {}  # routers -> their gate tensors in the members (see _gate_params)
+        self.stacks: dict = {}  # (plan key, device, gate state) -> _Stacked
+        self.kernels: dict = {}  # (weights, plan key, device, gate state) -> Kernel, recent preferences
         for slot, m in enumerate(members):
             m.group, m.slot = self, slot
 
@@ -57,9 +57,12 @@ class SiblingGroup:
         lead = self.members[0]
         plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
         routers = tuple(p for p, _ in plan.routers)
-        versions = tuple(map(_VERSION, self._gate_params(routers)))
-        stacked = self._stacked(plan, routers, versions)
-        key = (plan.weights_key, plan.key, plan.device, versions)
+        # the gates' identities and in-place update counts, and the factors' dtype: a gate
+        # replaced or updated, or the model cast, is a new key (the cached entries keep their
+        # tensors alive, so an id is never reused while it is a key)
+        state = (lead.lora_A.dtype, *((id(t), t._version) for t in self._gate_params(routers)))
+        stacked = self._stacked(plan, routers, state)
+        key = (plan.weights_key, plan.key, plan.device, state)
         kernel = self.kernels.get(key)
         if kernel is None:
             kernel = self.kernels[key] = self._build(plan, stacked, x.shape[0])
@@ -67,15 +70,17 @@ class SiblingGroup:
                 self.kernels.pop(next(iter(self.kernels)), None)
         return kernel.fresh()
 
-    def _gate_params(self, routers: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """Every member's gate weight and bias of ``routers``, looked up once (``add_router``,
-        the one way to change a layer's gates, clears this)."""
-        params = self.params.get(routers)
-        if params is None:
-            params = self.params[routers] = tuple(
-                t for m in self.members for p in routers for t in (m.gates[p].weight, m.gates[p].bias)
-            )
-        return params
+    def _gate_params(self, routers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Every member's gate weight and bias of ``routers``, looked up afresh on every call
+        (through the modules' own dicts: ``ModuleList`` indexing and ``Module.__getattr__``
+        cost about as much as building the rest of the kernel)."""
+        out = []
+        for m in self.members:
+            gates = m.gates._modules
+            for p in routers:
+                params = gates[str(p)]._parameters
+                out += (params["weight"], params["bias"])
+        return out
 
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
         kernel = self._build_torch(plan, stacked, batch)
@@ -120,11 +125,11 @@ class SiblingGroup:
             *out,
         )
 
-    def _stacked(self, plan, routers: tuple[int, ...], versions: tuple[int, ...]) -> _Stacked:
+    def _stacked(self, plan, routers: tuple[int, ...], state: tuple) -> _Stacked:
         """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
-        gate's weights change (``versions``: the routers' gate tensors' ``_version``, which
-        counts in-place updates)."""
-        key = (plan.key, plan.device, versions)
+        gate's weights change (``state``: the factors' dtype, then per gate tensor of the
+        routers its id and ``_version``, which counts in-place updates)."""
+        key = (plan.key, plan.device, state)
         stacked = self.stacks.get(key)
         if stacked is None:
             stacked = self.stacks[key] = self._stack(plan, list(routers))
@@ -212,7 +217,7 @@ class Kernel:
     spans: list[tuple[int, int]]  # per member its columns of h
     versions: tuple  # (gate tensor, its version when stacked)
     shared: bool  # several members: keep the last h (or fused outputs) for the siblings
-    fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: one compiled call, small inputs
+    fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: the compiled decode step and gating
     members: list = field(default_factory=list)  # the group's HoE layers, in slot order
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
     _outs: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, version, outputs)

@@ -79,7 +79,7 @@ class HoELinear(nn.Module):
         self.register_buffer("lora_B", b_cat.to(device, dtype).contiguous())  # (out, R)
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long, device=device))
         self.subsets: list[list[int]] = []
-        self._cache: dict = {}  # _Active per (active set, device)
+        self._cache: dict = {}  # _Active per (active set, device, dtype)
         self.has_experts = a_cat.shape[0] > 0
         SiblingGroup([self])  # alone until group_siblings joins it to its siblings
         self.gates = nn.ModuleList()
@@ -105,7 +105,6 @@ class HoELinear(nn.Module):
         self._cache.clear()
         self.group.stacks.clear()
         self.group.kernels.clear()
-        self.group.params.clear()
         return gate
 
     def expert_gates(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -127,8 +126,8 @@ class HoELinear(nn.Module):
         return g
 
     def _active(self, plan: RoutePlan) -> _Active:
-        """The plan's active experts in this layer (cached per active set and device)."""
-        key = (plan.key, plan.device)
+        """The plan's active experts in this layer (cached per active set, device and dtype)."""
+        key = (plan.key, plan.device, self.lora_A.dtype)
         act = self._cache.get(key)
         if act is None:
             keep = plan.active.to(self.owner.device)[self.owner]  # (R,) rank rows kept
