@@ -593,6 +593,9 @@ def targets(results: Sequence[PrecisionResult]) -> list[dict]:
     return out
 
 
+MIN_INTERVAL_SAMPLES = 5  # fewer per-run ratios than this get a median but no interval
+
+
 def median_interval(values: Sequence[float], level: float = 0.9, resamples: int = 2000) -> dict:
     """The median of per-round ratios and a percentile-bootstrap ``level`` interval for it
     (seeded: the same rounds give the same interval). How far a ratio of this run can be
@@ -605,9 +608,6 @@ def median_interval(values: Sequence[float], level: float = 0.9, resamples: int 
         medians = np.median(np.random.default_rng(0).choice(v, (resamples, v.size)), axis=1)
         out["low"], out["high"] = (float(q) for q in np.quantile(medians, [(1 - level) / 2, (1 + level) / 2]))
     return out
-
-
-MIN_INTERVAL_SAMPLES = 5
 
 
 # ---------------------------------------------------------------------------- the report
