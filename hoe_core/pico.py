@@ -45,14 +45,17 @@ def byte_tokenizer():
     return fast
 
 
-def pico_llama(seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 259):
-    """A random Llama with SmolLM2's layout at toy size (GQA, tied embeddings)."""
+def pico_llama(
+    seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 259, intermediate: int | None = None
+):
+    """A random Llama with SmolLM2's layout at toy size (GQA, tied embeddings); the MLP is
+    ``intermediate`` wide (default 2 hidden + 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden + 16,
+        intermediate_size=intermediate or 2 * hidden + 16,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

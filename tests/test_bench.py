@@ -49,10 +49,14 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
             assert q["low"] is None and q["high"] is None  # one round: no interval pretended
         else:
             assert "paired" not in t
+    (switch,) = [t for t in results["targets"] if t["target"].startswith("HoE preference change")]
+    assert switch["floor"] == pytest.approx(fp32["params"]["prefill_flop_ratio"]) and switch["floor"] > 1
+    assert sum("floor" in t for t in results["targets"]) == 1  # the first-token target's bound only
     report = markdown_report(results, "python -m hoe_core bench --test")
     assert "(n=1: too few for an interval)" in report and "(n=2: too few for an interval)" in report
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
+    assert f"| {switch['floor']:.2f} | ≤ 1.1 |" in report
     code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
     assert code["git_commit"] is None or f"Code: commit {code['git_commit'][:10]} (" in report
 
@@ -190,3 +194,43 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
     assert switch == [0, 1] * 6  # lambda2, lambda, three times
     batched = [models.index(m) for m, rows, _ in calls if rows == 2]
     assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other
+
+
+@pytest.mark.parametrize("preference", [(1.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2)])
+def test_prefill_flops_match_what_the_forward_computes(pico_bundle, monkeypatch, preference):
+    """The first-token floor's multiply-adds equal torch's own count of the prefill's GEMMs:
+    the backbone's linear layers, and what HoE adds at the preference (an expert alone, the
+    router, a mix)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hoe_core.backbone import load_backbone
+    from hoe_core.bench import prefill_flops
+
+    monkeypatch.delenv("HOE_FUSED_CPU", raising=False)  # gating compiled: no torch GEMM of its own
+    loaded = load_bundle(pico_bundle, device="cpu")
+    hoe = loaded.hoe
+    bare = load_backbone(loaded.manifest.backbone["spec"], "fp32", "cpu", base_dir=loaded.root).model
+    ids = torch.randint(0, 256, (1, 11))
+    weights = hoe.anchor_weights([preference])
+
+    def in_place_addmm(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # y.addmm_(h, B^T): the deltas' GEMMs
+
+    def counted(model, routing) -> int:
+        count = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: in_place_addmm})
+        with torch.no_grad(), routing(), count as fc:
+            model(input_ids=ids, logits_to_keep=1)
+        return fc.get_total_flops()
+
+    from contextlib import nullcontext
+    from functools import partial
+
+    base = counted(bare, nullcontext)
+    with_hoe = counted(hoe.model, partial(hoe.routing, anchor_weights=weights))
+    flops = prefill_flops(hoe, bare, weights[0].numpy(), ids.shape[1])
+    assert flops["hoe"] > 0
+    assert with_hoe - base == 2 * flops["hoe"]  # attention and rotary cancel out
+    # the backbone: its linear layers, the output embedding once (a counter that also counts
+    # attention scores counts a little more)
+    assert 2 * flops["backbone"] <= base <= 1.1 * 2 * flops["backbone"]
+    assert flops["ratio"] == pytest.approx(1 + flops["hoe"] / flops["backbone"])
