@@ -260,6 +260,8 @@ class MethodResult:
     roofline_fraction: float | None = None
     note: str = ""
     paired: dict | None = None  # per interleaved round, this figure / the backbone's: decode, switch
+    unchanged_first_token_s: float | None = None  # the same call again, the preference unchanged
+    switch_cost: dict | None = None  # per run, first token after the change / unchanged (median_interval)
 
 
 @dataclass
@@ -320,8 +322,9 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
 
     def measure(*methods: _Method) -> None:
         """Single-stream decode at lambda, then alternate lambda2 / lambda (every call a
-        preference change, timed from ``prepare`` -- route / re-merge -- to the first token),
-        then batched decode. Methods passed together are interleaved run by run in the first
+        preference change, timed from ``prepare`` -- route / re-merge -- to the first token,
+        then once more at the unchanged preference: what the change itself cost), then
+        batched decode. Methods passed together are interleaved run by run in the first
         two phases, so a shared machine's drift hits them alike (their ratios are targets)."""
         rounds = cfg.pair_repeats if len(methods) > 1 else cfg.repeats
         ctxs = {m.name: m.prepare(lam, 1)[0] for m in methods}
@@ -331,17 +334,18 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
                 t = _generate_timed(m.model, single, cfg.new_tokens, ctxs[m.name])
                 if i:
                     singles[m.name].append(t)
-        switches: dict[str, list[tuple[float, float]]] = {m.name: [] for m in methods}
+        switches: dict[str, list[tuple[float, float, float]]] = {m.name: [] for m in methods}
         for target in [lam2, lam] * rounds:
             for m in methods:
                 ctx, overhead = m.prepare(target, 1)
                 first = _generate_timed(m.model, single, 2, ctx).first_token_s
-                switches[m.name].append((overhead + first, overhead))
+                again = _generate_timed(m.model, single, 2, ctx).first_token_s  # nothing changed
+                switches[m.name].append((overhead + first, overhead, again))
         ref = methods[0].name  # the backbone, when methods are paired
         paired = {  # per round, against the run just before it (drift hits both alike)
             m.name: {
                 "decode": [a.tokens_per_s / b.tokens_per_s for a, b in zip(singles[m.name], singles[ref])],
-                "switch": [a / b for (a, _), (b, _) in zip(switches[m.name], switches[ref])],
+                "switch": [a / b for (a, *_), (b, *_) in zip(switches[m.name], switches[ref])],
             }
             for m in methods[1:]
         }
@@ -357,12 +361,14 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
                 s.tokens_per_s,
                 b.tokens_per_s,
                 s.first_token_s,
-                statistics.median(x for x, _ in switches[m.name]),
-                statistics.median(o for _, o in switches[m.name]),
+                statistics.median(x for x, _, _ in switches[m.name]),
+                statistics.median(o for _, o, _ in switches[m.name]),
                 mem.peak / 2**20,
                 m.weight_mib,
                 note=m.note,
                 paired=paired.get(m.name),
+                unchanged_first_token_s=statistics.median(a for _, _, a in switches[m.name]),
+                switch_cost=median_interval([x / a for x, _, a in switches[m.name]]),
             )
             finish(m.name, res, m.extra_bytes)
 
@@ -758,16 +764,35 @@ def markdown_report(results: dict, command: str) -> str:
     ]
     for t in results["targets"]:
         op = "≥" if "parameters" not in t["target"] and "first token" not in t["target"] else "≤"
-        q = t.get("paired")
-        if not q:
-            paired = "–"
-        elif q["low"] is None:
-            paired = f"{q['median']:.2f} (n={q['n']}: too few for an interval)"
-        else:
-            paired = f"{q['median']:.2f} [{q['low']:.2f}, {q['high']:.2f}] ({q['level']:.0%}, n={q['n']})"
         lines.append(
-            f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {paired} | {_fmt(t.get('floor'), '.2f')} "
-            f"| {op} {t['goal']} "
-            f"| {'yes' if t['met'] else 'no'} |"
+            f"| {t['precision']} | {t['target']} | {t['value']:.2f} | {_interval(t.get('paired'))} "
+            f"| {_fmt(t.get('floor'), '.2f')} | {op} {t['goal']} | {'yes' if t['met'] else 'no'} |"
         )
+    lines += [
+        "",
+        "## Preference switch cost",
+        "",
+        "What a preference change itself costs: the first token right after it (from routing or "
+        "re-merging on) over the same call again at the unchanged preference, per run. The "
+        "backbone, which has no preference, shows what a second identical call gains anyway.",
+        "",
+        "| precision | method | after a change s | unchanged s | ratio: median [interval] |",
+        "|---|---|---|---|---|",
+    ]
+    for p in results["precisions"]:
+        for name, r in p["methods"].items():
+            if r.get("switch_cost"):
+                lines.append(
+                    f"| {p['precision']} | {name} | {_fmt(r['switch_first_token_s'], '.3f')} "
+                    f"| {_fmt(r['unchanged_first_token_s'], '.3f')} | {_interval(r['switch_cost'])} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def _interval(q: dict | None) -> str:
+    """A :func:`median_interval` as "median [low, high] (level, n)"."""
+    if not q:
+        return "–"
+    if q["low"] is None:
+        return f"{q['median']:.2f} (n={q['n']}: too few for an interval)"
+    return f"{q['median']:.2f} [{q['low']:.2f}, {q['high']:.2f}] ({q['level']:.0%}, n={q['n']})"

@@ -31,6 +31,12 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
         assert 0 < r["first_token_s"] and 0 < r["switch_first_token_s"], name
         assert r["peak_rss_mib"] > 0 and r["weight_mib"] > 0, name
     assert methods["rs"]["switch_overhead_s"] > 0  # RS pays a re-merge on every change
+    for name in ("backbone", "hoe", "rs", "merge-ties"):  # timed again at the unchanged preference
+        cost = methods[name]["switch_cost"]
+        assert methods[name]["unchanged_first_token_s"] > 0 and cost["n"] == 2 and cost["median"] > 0
+    assert methods["mod"]["switch_cost"] is None  # MOD has no state to change: nothing to compare
+    # merge-at-lambda recomputes its dense deltas on a change, not when the preference stays
+    assert methods["merge-ties"]["switch_cost"]["median"] > 1
     assert "active anchors" in methods["hoe"]["note"]
     params = fp32["params"]
     assert (
@@ -57,6 +63,8 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
     assert f"| {switch['floor']:.2f} | ≤ 1.1 |" in report
+    assert "## Preference switch cost" in report and "| fp32 | hoe | " in report
+    assert "| fp32 | mod | " not in report.split("## Preference switch cost")[1]
     code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
     assert code["git_commit"] is None or f"Code: commit {code['git_commit'][:10]} (" in report
 
@@ -191,7 +199,8 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
     single = [models.index(m) for m, rows, n in calls if rows == 1 and n == 3]
     switch = [models.index(m) for m, rows, n in calls if rows == 1 and n == 2]
     assert single == [0, 1] * 4  # a warm-up round, then pair_repeats = 3 rounds
-    assert switch == [0, 1] * 6  # lambda2, lambda, three times
+    # lambda2, lambda, three times; each method's change, then the same call unchanged
+    assert switch == [0, 0, 1, 1] * 6
     batched = [models.index(m) for m, rows, _ in calls if rows == 2]
     assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other
 
