@@ -123,11 +123,17 @@ def random_router(
 
 
 def build_pico_bundle(
-    out_dir: str | Path, objectives: tuple[str, ...] = ("helpful", "harmless", "humor"), seed: int = 0
+    out_dir: str | Path,
+    objectives: tuple[str, ...] = ("helpful", "harmless", "humor"),
+    seed: int = 0,
+    router_size: int | None = None,
+    last_expert_targets: tuple[str, ...] | None = None,
 ) -> Path:
     """A complete, loadable bundle on a pico backbone shipped inside it.
 
-    Experts sit at the simplex vertices; one router sits at the centre over all of them.
+    Experts sit at the simplex vertices; one router sits at the centre over the
+    ``router_size`` experts nearest it (default all). ``last_expert_targets`` limits the last
+    expert to those module kinds (default: every targeted linear, like the others).
     """
     from hoe_core.bundle import write_bundle
 
@@ -137,9 +143,11 @@ def build_pico_bundle(
     model = pico_llama(seed)
     n = len(objectives)
     experts = random_experts(model, np.eye(n), seed=seed)
+    if last_expert_targets is not None:
+        experts[-1] = random_experts(model, np.eye(n)[-1:], seed=seed + 2, targets=last_expert_targets)[0]
     for e, obj in zip(experts, objectives):
         e.name = obj
-    router = random_router(model, "center", np.full(n, 1 / n), experts, k=n, seed=seed + 1)
+    router = random_router(model, "center", np.full(n, 1 / n), experts, k=router_size or n, seed=seed + 1)
     write_bundle(
         out,
         name="pico",

@@ -212,11 +212,26 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
     assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other
 
 
-@pytest.mark.parametrize("preference", [(1.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2)])
-def test_prefill_flops_match_what_the_forward_computes(pico_bundle, monkeypatch, preference):
+@pytest.fixture(scope="module")
+def uneven_bundle(tmp_path_factory):
+    """A pico bundle whose router covers two of the three experts and whose third expert
+    touches only q and v: live sets that differ from layer to layer."""
+    from hoe_core.pico import build_pico_bundle
+
+    return build_pico_bundle(
+        tmp_path_factory.mktemp("uneven") / "pico", router_size=2, last_expert_targets=("q_proj", "v_proj")
+    )
+
+
+@pytest.mark.parametrize("bundle", ["pico_bundle", "uneven_bundle"])
+@pytest.mark.parametrize(
+    "preference", [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.2, 0.2, 0.6)]
+)
+def test_prefill_flops_match_what_the_forward_computes(request, bundle, monkeypatch, preference):
     """The first-token FLOP ratio's multiply-adds equal torch's own count of the prefill's GEMMs:
     the backbone's linear layers, and what HoE adds at the preference (an expert alone, the
-    router, a mix)."""
+    router, mixes), also where the router covers a subset and an expert misses layers."""
+    pico_bundle = request.getfixturevalue(bundle)
     from torch.utils.flop_counter import FlopCounterMode
 
     from hoe_core.backbone import load_backbone
