@@ -528,15 +528,11 @@ def prefill_flops(hoe, bare: torch.nn.Module, anchor_weights: np.ndarray, n_toke
                 once += macs
             else:
                 per_token += macs
-    n = hoe.n_experts
-    w = np.asarray(anchor_weights, float)
-    routers = np.flatnonzero(w[n:] > 0)
+    active = np.asarray(anchor_weights, float) > 0
+    routers = np.flatnonzero(active[hoe.n_experts :])
     extra = 0
     for layer in hoe.layers.values():
-        live = set(np.flatnonzero(w[:n] > 0).tolist())
-        for p in routers:
-            live |= set(layer.subsets[p])
-        rows = sum(int((layer.owner == e).sum()) for e in live)
+        rows = sum(int((layer.owner == e).sum()) for e in _live_experts(active, hoe.n_experts, layer.subsets))
         if rows:
             gate_rows = sum(len(layer.subsets[p]) for p in routers)
             extra += rows * (layer.in_features + layer.out_features) + gate_rows * layer.in_features
@@ -544,14 +540,25 @@ def prefill_flops(hoe, bare: torch.nn.Module, anchor_weights: np.ndarray, n_toke
     return {"backbone": backbone, "hoe": n_tokens * extra, "ratio": (backbone + n_tokens * extra) / backbone}
 
 
+def _live_experts(active_anchors: np.ndarray, n_experts: int, subsets: list[list[int]]) -> set[int]:
+    """Experts live at one preference: its expert anchors with weight, and every expert of
+    its routers with weight (``subsets``: each router's experts, as a layer holds them).
+    ``active_anchors`` (K,) bool, K = experts then routers."""
+    live = set(np.flatnonzero(active_anchors[:n_experts]).tolist())
+    for p in np.flatnonzero(active_anchors[n_experts:]):
+        live |= set(subsets[p])
+    return live
+
+
 def _live_bytes(hoe, active_anchors: np.ndarray) -> int:
     """Bytes read per token for the live experts and routers of one preference."""
     n = hoe.n_experts
-    live = set(np.flatnonzero(active_anchors[:n]).tolist())
-    total = 0
-    for p in np.flatnonzero(active_anchors[n:]):
-        live |= set(next(iter(hoe.layers.values())).subsets[p])
-        total += sum(weight_bytes(layer.gates[p]) for layer in hoe.layers.values())
+    total = sum(
+        weight_bytes(layer.gates[p])
+        for p in np.flatnonzero(active_anchors[n:])
+        for layer in hoe.layers.values()
+    )
+    live = _live_experts(active_anchors, n, next(iter(hoe.layers.values())).subsets)
     return total + sum(_expert_bytes(hoe, e) for e in live)
 
 

@@ -3,6 +3,9 @@ report come out, RS's re-merged weights are the same model as the unmerged soup,
 decodes a fixed length when asked. (Speed itself is never asserted here: the benchmark
 measures it.)"""
 
+from contextlib import nullcontext
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -231,14 +234,13 @@ def test_prefill_flops_match_what_the_forward_computes(request, bundle, monkeypa
     """The first-token FLOP ratio's multiply-adds equal torch's own count of the prefill's GEMMs:
     the backbone's linear layers, and what HoE adds at the preference (an expert alone, the
     router, mixes), also where the router covers a subset and an expert misses layers."""
-    pico_bundle = request.getfixturevalue(bundle)
     from torch.utils.flop_counter import FlopCounterMode
 
     from hoe_core.backbone import load_backbone
     from hoe_core.bench import prefill_flops
 
     monkeypatch.delenv("HOE_FUSED_CPU", raising=False)  # gating compiled: no torch GEMM of its own
-    loaded = load_bundle(pico_bundle, device="cpu")
+    loaded = load_bundle(request.getfixturevalue(bundle), device="cpu")
     hoe = loaded.hoe
     bare = load_backbone(loaded.manifest.backbone["spec"], "fp32", "cpu", base_dir=loaded.root).model
     ids = torch.randint(0, 256, (1, 11))
@@ -252,9 +254,6 @@ def test_prefill_flops_match_what_the_forward_computes(request, bundle, monkeypa
         with torch.no_grad(), routing(), count as fc:
             model(input_ids=ids, logits_to_keep=1)
         return fc.get_total_flops()
-
-    from contextlib import nullcontext
-    from functools import partial
 
     base = counted(bare, nullcontext)
     with_hoe = counted(hoe.model, partial(hoe.routing, anchor_weights=weights))
