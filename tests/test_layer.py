@@ -222,17 +222,27 @@ def test_detach_restores_the_bare_backbone(pico_model, pico_dir, three_experts):
         [[0.0, 0.0, 0.0, 0.0, 0.0]],  # nothing active: the bare linear
     ],
 )
-def test_inference_kernels_equal_the_reference_path(weights):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "fused",  # float32 CPU: numpy gating maps, the compiled decode step and gating
+        "unfused",  # float32 CPU without the compiled kernel: numpy maps, torch ops
+        "torch",  # float64: the gating maps built with torch ops (as on other devices)
+    ],
+)
+def test_inference_kernels_equal_the_reference_path(weights, path, monkeypatch):
     from hoe_core.routing.context import use_routing
 
+    monkeypatch.setenv("HOE_FUSED_CPU", "0" if path == "unfused" else "1")
+    dtype = torch.float64 if path == "torch" else torch.float32
     torch.manual_seed(2)
-    base = torch.nn.Linear(16, 12)
+    base = torch.nn.Linear(16, 12, dtype=dtype)
     factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
     routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([1, 2], torch.randn(2, 16), torch.randn(2))]
-    layer = HoELinear(base, "x", factors, routers=routers)
+    layer = HoELinear(base, "x", factors, routers=routers, dtype=dtype)
     w = torch.tensor(weights)
     for seq in (1, 5):  # decode and prefill shapes, and a 2-D input
-        x = torch.randn(w.shape[0], seq, 16)
+        x = torch.randn(w.shape[0], seq, 16, dtype=dtype)
         with use_routing(w):
             want = layer(x)  # grad enabled, gates trainable: the reference path
             with torch.no_grad():
@@ -243,6 +253,8 @@ def test_inference_kernels_equal_the_reference_path(weights):
             assert_close(got_2d, want.detach()[:, 0], atol=1e-5, rtol=1e-5)
         if not w.any():
             assert_close(got, base(x).detach())
+    if w.any():  # the path under test is the one that ran
+        assert {k.fused is not None for k in layer.group.kernels.values()} == {path == "fused"}
 
 
 def test_hooks_on_the_base_linear_still_run_on_the_inference_path():

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 _ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("hoe_routing", default=None)
@@ -28,6 +29,7 @@ class RoutePlan:
         active: (E,) experts with nonzero gate anywhere in the batch; the rest are skipped.
         key: active experts and routers as a tuple, to cache per-layer factor selections.
         weights_key: the (B, K) weights themselves as a tuple, to cache per-preference kernels.
+        weights: the (B, K) weights as a float32 numpy array (the CPU kernels' gating maps).
     """
 
     expert_weights: torch.Tensor
@@ -36,7 +38,7 @@ class RoutePlan:
     key: tuple
     device: torch.device
     weights_key: tuple = ()
-    cache: dict = field(default_factory=dict)  # per-layer tensors derived from this plan
+    weights: np.ndarray | None = None
 
 
 @dataclass
@@ -79,7 +81,13 @@ class Routing:
                     active[subset] = True
             key = (tuple(active.tolist()), tuple(p for p, _ in routers))
             plan = RoutePlan(
-                w[:, None, :n_experts], routers, active, key, device, (w.shape, *w.flatten().tolist())
+                w[:, None, :n_experts],
+                routers,
+                active,
+                key,
+                device,
+                (w.shape, *w.flatten().tolist()),
+                w.detach().float().cpu().numpy(),
             )
             self.plans[lookup] = plan
         return plan

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -262,19 +263,30 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 class Factors:
     """A group's factors for one active set (preference-independent), in storage format.
 
-    weight (R + S, in): the active A rows, then the gates; b_flat: each member's B^T
-    (R_m, out_m) flattened in turn; members (M, 4) int64: offset in b_flat, rank columns
-    [lo, hi) of h, out_m.
+    weight (R + S, in): the active A rows, then the gates; bias (R + S,) float32: zeros,
+    then the gate biases; starts (P + 1,) int64: offsets of the gate blocks in S ([0]
+    without routers); b_flat: each member's B^T (R_m, out_m) flattened in turn; members
+    (M, 4) int64: offset in b_flat, rank columns [lo, hi) of h, out_m.
     """
 
     weight: np.ndarray
+    bias: np.ndarray
+    starts: np.ndarray
     b_flat: np.ndarray
     members: np.ndarray
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, b_ts: list, spans: list[tuple[int, int]]) -> Factors:
+    def pack(
+        cls,
+        weight: torch.Tensor,
+        b_ts: list,
+        spans: list[tuple[int, int]],
+        bias: torch.Tensor | None = None,
+        sizes: list[int] = (),
+    ) -> Factors:
         """From a group's stacked weight (R + S, in), its members' B^T (R_m, out_m) (None:
-        no active expert) and their rank columns of h."""
+        no active expert), their rank columns of h, and with routers the stacked bias
+        (R + S,) and the gate block sizes (one softmax each)."""
         b_ts = [torch.zeros(0, dtype=weight.dtype) if t is None else t for t in b_ts]
         b_flat = torch.cat([t.flatten() for t in b_ts])
         offsets = np.cumsum([0] + [t.numel() for t in b_ts])
@@ -282,36 +294,39 @@ class Factors:
             (off, lo, hi, t.shape[-1] if hi > lo else 0) for off, (lo, hi), t in zip(offsets, spans, b_ts)
         ]
         half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
-        return cls(_stored(weight, half), _stored(b_flat, half), np.array(members, np.int64).reshape(-1, 4))
+        return cls(
+            _stored(weight, half),
+            np.zeros(weight.shape[0], np.float32) if bias is None else _f32(bias),
+            np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64),
+            _stored(b_flat, half),
+            np.array(members, np.int64).reshape(-1, 4),
+        )
 
 
 class FusedGroup:
     """One group's compiled calls for one preference: the decode step (:meth:`step`) and
     prefill's gating (:meth:`gate`). Holds the :class:`Factors` (shared by every preference
-    with the same active set) and the small per-preference maps as float32.
+    with the same active set) and the preference's small gating maps.
 
     Tensors are passed by address, so they must be contiguous and of the dtype the call
     expects; :meth:`accepts`, :meth:`step` and :meth:`gate` check that.
     """
 
-    def __init__(self, factors: Factors, dtype: torch.dtype, n_rank: int, g_fixed, kernel) -> None:
-        """``g_fixed`` (B, R): the expert anchors' weights per rank row; ``kernel`` the
-        torch :class:`~hoe_core.routing.kernel.Kernel` (its routers' maps)."""
+    def __init__(
+        self, factors: Factors, dtype: torch.dtype, g_fixed: np.ndarray, maps: np.ndarray | None
+    ) -> None:
+        """``g_fixed`` (B, R) float32: the expert anchors' weights per rank row; ``maps``
+        (B, S, R) float32: router weight x one-hot (gate output -> its expert's rank rows),
+        or None without routers."""
         self.factors, self.dtype = factors, dtype
         self.io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
-        g_fixed = _f32(g_fixed)  # (B, R)
-        if kernel.maps is not None:
-            bias = _f32(kernel.bias)
-            starts = np.concatenate([[0], np.cumsum(kernel.sizes)]).astype(np.int64)
-            maps = _f32(kernel.maps)  # (B, S, R)
-        else:  # no routers: no gate rows
-            bias, starts = np.zeros(n_rank, np.float32), np.zeros(1, np.int64)
+        f, n_rank = factors, g_fixed.shape[1]
+        self.routed = maps is not None
+        if maps is None:  # no gate rows
             maps = np.zeros((g_fixed.shape[0], 0, n_rank), np.float32)
-        f = factors
         self.n_in, self.out_sizes = f.weight.shape[1], f.members[:, 3].tolist()
-        self.args = (f.weight, bias, n_rank, starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
-        self.routed = kernel.maps is not None
-        self.gate_args = (n_rank, starts, g_fixed, maps)  # gate_rows'
+        self.args = (f.weight, f.bias, n_rank, f.starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
+        self.gate_args = (n_rank, f.starts, g_fixed, maps)  # gate_rows'
         self.z_shape = (g_fixed.shape[0], n_rank + maps.shape[1])  # (B, R + S) of gate()'s input
 
     def accepts(self, x3: torch.Tensor) -> bool:
@@ -368,15 +383,11 @@ def warm_up(dtype: torch.dtype) -> None:
         return
     io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
     x, y = torch.zeros(1, 1, 2, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype)
-    bias, starts = np.zeros(3, np.float32), np.array([0, 1], np.int64)
     g_fixed, maps = np.ones((1, 2), np.float32), np.zeros((1, 1, 2), np.float32)
     addrs = np.array([y.data_ptr()], np.int64)
     for fill in [0.5] if dtype == torch.bfloat16 else [0.1, 0.5]:  # float32 factors: as is, as float16
-        f = Factors.pack(
-            torch.full((3, 2), fill, dtype=dtype), [torch.full((2, 2), fill, dtype=dtype)], [(0, 2)]
-        )
-        group_step(
-            io, x.data_ptr(), 1, 1, f.weight, bias, 2, starts, g_fixed, maps, f.b_flat, f.members, addrs
-        )
+        full = partial(torch.full, dtype=dtype)
+        f = Factors.pack(full((3, 2), fill), [full((2, 2), fill)], [(0, 2)], full((3,), 0.0), [1])
+        group_step(io, x.data_ptr(), 1, 1, *FusedGroup(f, dtype, g_fixed, maps).args, addrs)
     z = torch.zeros(1, 3)  # prefill's gating: float32 for both (bfloat16 computes in float32)
-    gate_rows(z.data_ptr(), 1, 3, 1, 2, starts, g_fixed, maps)
+    gate_rows(z.data_ptr(), 1, 3, 1, 2, f.starts, g_fixed, maps)

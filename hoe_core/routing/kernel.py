@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import attrgetter
 
+import numpy as np
 import torch
 
 from hoe_core.routing import fused_cpu
@@ -83,47 +84,34 @@ class SiblingGroup:
         return out
 
     def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
-        kernel = self._build_torch(plan, stacked, batch)
-        kernel.members = self.members
+        """The kernel for one preference: the active set's template (everything but the
+        gating, made once per active set) with this preference's (B, R) and (B, S, R) maps.
+        On the CPU they come from a few numpy gathers (a slider move rebuilds all groups'
+        kernels, so this is part of the time to the first new token)."""
+        kernel = stacked.template(self.members).fresh()
+        if kernel.weight is None:
+            return kernel
+        dtype, device = kernel.weight.dtype, kernel.weight.device
+        if device.type == "cpu" and dtype == torch.float32:
+            g_np, maps_np = stacked.gating(plan.weights)
+            kernel.g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
+            kernel.maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
+        else:
+            kernel.g_fixed = plan.expert_weights.to(dtype)[..., stacked.owner]  # (B, 1, R)
+            if stacked.segments:  # router p's probabilities -> its experts' rank rows
+                w = dict(plan.routers)  # router -> (B, 1, 1)
+                seg_w = torch.cat([w[p].to(dtype).expand(-1, n, -1) for p, n in stacked.segments], 1)
+                kernel.maps = seg_w * stacked.compute_factors()[3]  # (B, S, R)
         w = stacked.weight
-        if (
-            kernel.weight is not None
-            and w.device.type == "cpu"
-            and w.dtype in fused_cpu.DTYPES
-            and fused_cpu.available()
-        ):
+        if w.device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             if stacked.factors is None:  # once per active set: the factors in storage format
-                stacked.factors = fused_cpu.Factors.pack(w, stacked.b_ts, stacked.spans)
-            g_fixed = plan.expert_weights.float()[:, 0][:, stacked.owner]  # (B, R), not folded into A
-            kernel.fused = fused_cpu.FusedGroup(
-                stacked.factors, w.dtype, stacked.owner.shape[0], g_fixed, kernel
-            )
+                stacked.factors = fused_cpu.Factors.pack(
+                    w, stacked.b_ts, stacked.spans, stacked.bias, [n for _, n in stacked.segments]
+                )
+            kernel.fused = fused_cpu.FusedGroup(stacked.factors, w.dtype, g_np, maps_np)
+        elif kernel.maps is None and batch == 1:  # static mixture, one row: fold the weights into A
+            kernel.weight, kernel.g_fixed = kernel.weight * kernel.g_fixed[0, 0, :, None], None
         return kernel
-
-    def _build_torch(self, plan, stacked: _Stacked, batch: int) -> Kernel:
-        versions = tuple((t, t._version) for t in stacked.gate_params)
-        shared = len(self.members) > 1
-        if stacked.weight.shape[0] == 0:
-            return Kernel(None, None, None, None, 0, (), stacked.b_ts, stacked.spans, versions, shared)
-        weight, bias, b_ts, maps = stacked.compute_factors()
-        out = (b_ts, stacked.spans, versions, shared)
-        dtype = weight.dtype
-        g_fixed = plan.expert_weights.to(dtype)[..., stacked.owner]  # (B, 1, R)
-        if not stacked.segments:  # static mixture: fold the weights into A (per row when rows differ)
-            if batch == 1:
-                return Kernel(weight * g_fixed[0, 0, :, None], None, None, None, 0, (), *out)
-            return Kernel(weight, None, g_fixed, None, 0, (), *out)
-        w = dict(plan.routers)  # router -> (B, 1, 1)
-        seg_w = torch.cat([w[p].to(dtype).expand(-1, n, -1) for p, n in stacked.segments], 1)  # (B, S, 1)
-        return Kernel(
-            weight,
-            bias,
-            g_fixed,
-            seg_w * maps,  # (B, S, R): router p's probabilities -> its experts' rank rows
-            stacked.owner.shape[0],
-            [n for _, n in stacked.segments],
-            *out,
-        )
 
     def _stacked(self, plan, routers: tuple[int, ...], state: tuple) -> _Stacked:
         """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
@@ -166,6 +154,7 @@ class SiblingGroup:
             maps=torch.cat(blocks) if blocks else None,
             segments=segments,
             gate_params=params,
+            n_experts=self.members[0].n_experts,
         )
 
 
@@ -181,8 +170,49 @@ class _Stacked:
     maps: torch.Tensor | None  # (S, R) one-hot: gate output -> the rank rows of its expert
     segments: list[tuple[int, int]]  # (router, |S_p|) per gate block, in row order
     gate_params: list[torch.Tensor]  # the gate tensors stacked in (to notice in-place updates)
+    n_experts: int  # E: the anchor weights' first E columns are the experts'
     factors: fused_cpu.Factors | None = None  # the fused CPU kernel's copy, made on first use
     widened: tuple | None = None  # float32 copies for bfloat16 on the CPU, made on first use
+    _template: Kernel | None = None  # every kernel of this active set, without its gating
+    _columns: tuple | None = None  # numpy: (R,) and (S,) columns of the anchor weights, (S, R) one-hot
+
+    def template(self, members: list) -> Kernel:
+        """The preference-independent part of this active set's kernels (made once):
+        :meth:`SiblingGroup._build` copies it and adds one preference's gating."""
+        if self._template is None:
+            weight, bias, b_ts, _ = self.compute_factors()
+            versions = tuple((t, t._version) for t in self.gate_params)
+            sizes = [n for _, n in self.segments]
+            rank = self.owner.shape[0] if weight.shape[0] else 0
+            self._template = Kernel(
+                weight if weight.shape[0] else None,
+                bias if sizes else None,
+                None,
+                None,
+                rank,
+                sizes,
+                b_ts,
+                self.spans,
+                versions,
+                len(members) > 1,
+                members=members,
+            )
+        return self._template
+
+    def gating(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One preference's gating maps from the anchor weights (B, K) float32 (K = E
+        experts, then the routers): g_fixed (B, R), each rank row's expert weight, and with
+        routers maps (B, S, R), router p's weight times the one-hot from its gate outputs to
+        its experts' rank rows (else None). Two numpy gathers (microseconds)."""
+        if self._columns is None:
+            rows = [self.n_experts + p for p, n in self.segments for _ in range(n)]  # gate row -> column
+            onehot = None if self.maps is None else self.maps.float().cpu().numpy()  # (S, R)
+            self._columns = (self.owner.cpu().numpy(), np.array(rows, np.int64), onehot)
+        owner, rows, onehot = self._columns
+        g_fixed = weights[:, owner]  # (B, R)
+        if not rows.size:
+            return g_fixed, None
+        return g_fixed, weights[:, rows, None] * onehot  # (B, S, R)
 
     def compute_factors(self) -> tuple:
         """(weight, bias, b_ts, maps) in the dtype the torch kernels compute in: as stored,
