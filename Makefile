@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup browser demo test lint format fronts bench fidelity
+.PHONY: setup browser demo test lint format fronts bench fidelity fidelity-here
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,12 @@ fidelity: setup
 	$(BIN)/python -m hoe_core.evaluation.fidelity --front fp32=$(FRONTS)/front-fp32.csv \
 	  --front nf4=$(FRONTS)/front-nf4.csv --front bf16=bench/fidelity/front-bf16.csv \
 	  --front int8=bench/fidelity/front-int8.csv --md bench/fidelity.md
+
+# the same, every precision decoded on this machine (nf4's numerics depend on the CPU):
+# bench/fidelity-bf16-cpu.md was made on a CPU with bfloat16 units (~15 min on 2 cores)
+FIDELITY_HERE ?= bench/fidelity-bf16-cpu
+fidelity-here: setup
+	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh --max-prompts 16 --grid 5 \
+	  --max-new-tokens 48 --batch-size 16 --precisions fp32,nf4,bf16,int8 --methods hoe --out $(FIDELITY_HERE)
+	$(BIN)/python -m hoe_core.evaluation.fidelity $(foreach p,fp32 nf4 bf16 int8,--front $(p)=$(FIDELITY_HERE)/front-$(p).csv) \
+	  --md $(FIDELITY_HERE).md
