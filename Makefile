@@ -58,9 +58,10 @@ fidelity: setup
 	  --front nf4=$(FRONTS)/front-nf4.csv --front bf16=bench/fidelity/front-bf16.csv \
 	  --front int8=bench/fidelity/front-int8.csv --md bench/fidelity.md
 
-# the same, every precision decoded on this machine (nf4's numerics depend on the CPU):
-# bench/fidelity-bf16-cpu.md was made on a CPU with bfloat16 units (~15 min on 2 cores)
-FIDELITY_HERE ?= bench/fidelity-bf16-cpu
+# the same, every precision decoded on this machine (nf4's numerics depend on the CPU), into
+# $(FIDELITY_HERE)/ and $(FIDELITY_HERE).md; bench/fidelity-bf16-cpu was made on a CPU with
+# bfloat16 units by `make fidelity-here FIDELITY_HERE=bench/fidelity-bf16-cpu` (~10 min, 2 cores)
+FIDELITY_HERE ?= bench/fidelity-this-cpu
 fidelity-here: setup
 	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh --max-prompts 16 --grid 5 \
 	  --max-new-tokens 48 --batch-size 16 --precisions fp32,nf4,bf16,int8 --methods hoe --out $(FIDELITY_HERE)

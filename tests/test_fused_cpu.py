@@ -111,12 +111,31 @@ def _spy(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_calls_after_warm_up_compile_nothing_new(dtype):
+    """``warm_up`` compiles what a served model calls, batch 1 or more: the gating maps of
+    a batch are C-contiguous like one row's, so numba reuses the warmed-up versions instead
+    of compiling another layout on the first batched request."""
+    fused_cpu.warm_up(dtype)
+    kernels = (fused_cpu.group_step, fused_cpu.gate_rows)
+    before = [len(k.signatures) for k in kernels]
+    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.0, 0.5]])
+    with use_routing(w), torch.no_grad():
+        layer = _layer(dtype=dtype)
+        layer(torch.randn(2, 1, 16).to(dtype))  # decode step: group_step
+        (kernel,) = layer.group.kernels.values()
+        layer(torch.randn(2, 7, 16).to(dtype))  # prefill: the torch GEMM, then gate_rows
+    assert [len(k.signatures) for k in kernels] == before
+    g_fixed, maps = kernel.fused.gate_args[2:]
+    assert g_fixed.flags.c_contiguous and maps.flags.c_contiguous
+
+
 @pytest.mark.parametrize(
     "weights",
     [
         [[0.2, 0.0, 0.1, 0.3, 0.4]],  # routers of two block sizes
         [[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.0, 0.5]],  # rows differ
-        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # experts only: folded into A
+        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # experts only, one row
         [[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]],  # experts only, rows differ
     ],
 )

@@ -215,7 +215,7 @@ def test_detach_restores_the_bare_backbone(pico_model, pico_dir, three_experts):
 @pytest.mark.parametrize(
     "weights",
     [
-        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # one row, experts only: the weights folded into A
+        [[0.3, 0.0, 0.7, 0.0, 0.0]],  # one row, experts only: folded into A off the compiled path
         [[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]],  # rows differ, experts only
         [[0.2, 0.0, 0.1, 0.7, 0.0]],  # one row with a router
         [[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5, 0.0]],  # rows differ, two routers
@@ -311,7 +311,7 @@ def test_sibling_layers_share_one_kernel_group(pico_model, three_experts):
 @pytest.mark.parametrize(
     "prefs",
     [
-        [[1.0, 0.0, 0.0]],  # a vertex: one expert, weights folded into A
+        [[1.0, 0.0, 0.0]],  # a vertex: one expert (folded into A off the compiled path)
         [[0.2, 0.5, 0.3]],  # interior: the router is live
         PREFS,  # rows differ: per-row gates and maps
     ],
@@ -349,6 +349,28 @@ def test_a_preference_change_reuses_the_stacked_weights(pico_model, three_expert
     assert len(layer.group.kernels) == 2  # one kernel per preference, reused on the way back
     assert_close(outs[0], outs[2])
     assert (outs[0] - outs[1]).abs().max() > 1e-6
+
+
+def test_a_preference_in_use_keeps_its_kernels_while_others_come_and_go(pico_model, three_experts):
+    """The per-group kernel cache drops the least recently used preference, not the first
+    one built: a user who keeps returning to one preference never rebuilds its kernels."""
+    from hoe_core.routing.kernel import _CACHE_SIZE
+
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(seed=13)
+    group = hoe.layers["model.layers.0.self_attn.q_proj"].group
+    home = [0.2, 0.5, 0.3]
+
+    def kernel_at(pref):
+        with torch.no_grad(), hoe.routing([pref]):
+            hoe.model(ids)
+        return next(reversed(group.kernels.values()))  # the one this call used
+
+    first = kernel_at(home)
+    for i in range(2 * _CACHE_SIZE):  # more other preferences than the cache holds
+        kernel_at([0.3, 0.3 + 0.01 * i, 0.4 - 0.01 * i])
+        assert kernel_at(home) is first
+    assert len(group.kernels) == _CACHE_SIZE
 
 
 def test_an_optimiser_step_inside_one_routing_block_reaches_the_inference_kernels():

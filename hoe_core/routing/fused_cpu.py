@@ -26,6 +26,7 @@ off (it is also off when numba is missing).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -282,7 +283,7 @@ class Factors:
         b_ts: list,
         spans: list[tuple[int, int]],
         bias: torch.Tensor | None = None,
-        sizes: list[int] = (),
+        sizes: Sequence[int] = (),
     ) -> Factors:
         """From a group's stacked weight (R + S, in), its members' B^T (R_m, out_m) (None:
         no active expert), their rank columns of h, and with routers the stacked bias
@@ -297,7 +298,7 @@ class Factors:
         return cls(
             _stored(weight, half),
             np.zeros(weight.shape[0], np.float32) if bias is None else _f32(bias),
-            np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
             _stored(b_flat, half),
             np.array(members, np.int64).reshape(-1, 4),
         )
@@ -385,9 +386,10 @@ def warm_up(dtype: torch.dtype) -> None:
     x, y = torch.zeros(1, 1, 2, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype)
     g_fixed, maps = np.ones((1, 2), np.float32), np.zeros((1, 1, 2), np.float32)
     addrs = np.array([y.data_ptr()], np.int64)
+    full = partial(torch.full, dtype=dtype)
     for fill in [0.5] if dtype == torch.bfloat16 else [0.1, 0.5]:  # float32 factors: as is, as float16
-        full = partial(torch.full, dtype=dtype)
         f = Factors.pack(full((3, 2), fill), [full((2, 2), fill)], [(0, 2)], full((3,), 0.0), [1])
-        group_step(io, x.data_ptr(), 1, 1, *FusedGroup(f, dtype, g_fixed, maps).args, addrs)
+        group = FusedGroup(f, dtype, g_fixed, maps)
+        group_step(io, x.data_ptr(), 1, 1, *group.args, addrs)
     z = torch.zeros(1, 3)  # prefill's gating: float32 for both (bfloat16 computes in float32)
-    gate_rows(z.data_ptr(), 1, 3, 1, 2, f.starts, g_fixed, maps)
+    gate_rows(z.data_ptr(), 1, 3, 1, *group.gate_args)

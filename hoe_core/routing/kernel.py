@@ -11,8 +11,8 @@ at once (at batch 1 the cost is the number of small ops, not their FLOPs)::
 
 The first member called computes the group's gated h and keeps it with the input it came
 from; the others reuse it while they are called with that same tensor (HF calls q, k and v
-on one ``hidden_states``). Without live routers and with one batch row the weights fold
-into A: per group one matmul, then one addmm per member. The delta is accumulated into
+on one ``hidden_states``). Without live routers and with one batch row, off the compiled
+CPU path, the weights fold into A: per group one matmul, then one addmm per member. The delta is accumulated into
 the base's fresh output in place (no copy of y; a bfloat16 y on the CPU gets its float32
 delta added in place, see :meth:`_Stacked.compute_factors`).
 
@@ -23,8 +23,9 @@ deltas; the siblings' outputs wait for their calls. Prefill keeps the torch GEMM
 float32 for bfloat16 models on the CPU), with the routers' gating in between compiled.
 
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
-request); the weights they stack are cached per group and active set, so a preference
-change only recomputes the small (B, S, R) maps.
+request). Everything but the gating is made once per group and active set (a template
+kernel: stacked weights, the compiled kernel's factors), so a preference change only
+computes its small (B, R) and (B, S, R) gating maps, by two numpy gathers on the CPU.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class SiblingGroup:
             m.group, m.slot = self, slot
 
     def kernel(self, routing, x: torch.Tensor) -> Kernel:
-        """The group's mixture for this call and batch ``x.shape[0]`` (x: (B, T, in)); a
-        recent preference's kernel is reused (a fresh copy: the sibling state is per call)."""
+        """The group's mixture for this call and batch ``x.shape[0]`` (x: (B, T, in)); the
+        kernels of the last ``_CACHE_SIZE`` preferences used are kept and reused (a fresh
+        copy: the sibling state is per call)."""
         lead = self.members[0]
         plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
         routers = tuple(p for p, _ in plan.routers)
@@ -64,11 +66,12 @@ class SiblingGroup:
         state = (lead.lora_A.dtype, *((id(t), t._version) for t in self._gate_params(routers)))
         stacked = self._stacked(plan, routers, state)
         key = (plan.weights_key, plan.key, plan.device, state)
-        kernel = self.kernels.get(key)
+        kernel = self.kernels.pop(key, None)  # re-inserted last: the least recently used goes first
         if kernel is None:
-            kernel = self.kernels[key] = self._build(plan, stacked, x.shape[0])
-            while len(self.kernels) > _CACHE_SIZE:
+            kernel = self._build(plan, stacked)
+            while len(self.kernels) >= _CACHE_SIZE:
                 self.kernels.pop(next(iter(self.kernels)), None)
+        self.kernels[key] = kernel
         return kernel.fresh()
 
     def _gate_params(self, routers: tuple[int, ...]) -> list[torch.Tensor]:
@@ -83,16 +86,18 @@ class SiblingGroup:
                 out += (params["weight"], params["bias"])
         return out
 
-    def _build(self, plan, stacked: _Stacked, batch: int) -> Kernel:
+    def _build(self, plan, stacked: _Stacked) -> Kernel:
         """The kernel for one preference: the active set's template (everything but the
         gating, made once per active set) with this preference's (B, R) and (B, S, R) maps.
-        On the CPU they come from a few numpy gathers (a slider move rebuilds all groups'
+        On the CPU they come from two numpy gathers (a slider move rebuilds all groups'
         kernels, so this is part of the time to the first new token)."""
-        kernel = stacked.template(self.members).fresh()
+        kernel = stacked.template().fresh()
         if kernel.weight is None:
             return kernel
         dtype, device = kernel.weight.dtype, kernel.weight.device
-        if device.type == "cpu" and dtype == torch.float32:
+        w = stacked.weight  # as stored: the compiled kernel reads float32 or bfloat16
+        on_numpy = device.type == "cpu" and dtype == torch.float32  # bfloat16 computes in float32 here
+        if on_numpy:
             g_np, maps_np = stacked.gating(plan.weights)
             kernel.g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
             kernel.maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
@@ -102,14 +107,13 @@ class SiblingGroup:
                 w = dict(plan.routers)  # router -> (B, 1, 1)
                 seg_w = torch.cat([w[p].to(dtype).expand(-1, n, -1) for p, n in stacked.segments], 1)
                 kernel.maps = seg_w * stacked.compute_factors()[3]  # (B, S, R)
-        w = stacked.weight
-        if w.device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
+        if on_numpy and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             if stacked.factors is None:  # once per active set: the factors in storage format
                 stacked.factors = fused_cpu.Factors.pack(
                     w, stacked.b_ts, stacked.spans, stacked.bias, [n for _, n in stacked.segments]
                 )
             kernel.fused = fused_cpu.FusedGroup(stacked.factors, w.dtype, g_np, maps_np)
-        elif kernel.maps is None and batch == 1:  # static mixture, one row: fold the weights into A
+        elif kernel.maps is None and kernel.g_fixed.shape[0] == 1:  # static, one row: fold into A
             kernel.weight, kernel.g_fixed = kernel.weight * kernel.g_fixed[0, 0, :, None], None
         return kernel
 
@@ -155,6 +159,7 @@ class SiblingGroup:
             segments=segments,
             gate_params=params,
             n_experts=self.members[0].n_experts,
+            members=self.members,
         )
 
 
@@ -171,31 +176,30 @@ class _Stacked:
     segments: list[tuple[int, int]]  # (router, |S_p|) per gate block, in row order
     gate_params: list[torch.Tensor]  # the gate tensors stacked in (to notice in-place updates)
     n_experts: int  # E: the anchor weights' first E columns are the experts'
+    members: list  # the group's layers, in slot order
     factors: fused_cpu.Factors | None = None  # the fused CPU kernel's copy, made on first use
     widened: tuple | None = None  # float32 copies for bfloat16 on the CPU, made on first use
     _template: Kernel | None = None  # every kernel of this active set, without its gating
     _columns: tuple | None = None  # numpy: (R,) and (S,) columns of the anchor weights, (S, R) one-hot
 
-    def template(self, members: list) -> Kernel:
+    def template(self) -> Kernel:
         """The preference-independent part of this active set's kernels (made once):
         :meth:`SiblingGroup._build` copies it and adds one preference's gating."""
         if self._template is None:
             weight, bias, b_ts, _ = self.compute_factors()
-            versions = tuple((t, t._version) for t in self.gate_params)
             sizes = [n for _, n in self.segments]
-            rank = self.owner.shape[0] if weight.shape[0] else 0
             self._template = Kernel(
                 weight if weight.shape[0] else None,
                 bias if sizes else None,
                 None,
                 None,
-                rank,
+                self.owner.shape[0],
                 sizes,
                 b_ts,
                 self.spans,
-                versions,
-                len(members) > 1,
-                members=members,
+                tuple((t, t._version) for t in self.gate_params),
+                len(self.members) > 1,
+                members=self.members,
             )
         return self._template
 
@@ -203,16 +207,18 @@ class _Stacked:
         """One preference's gating maps from the anchor weights (B, K) float32 (K = E
         experts, then the routers): g_fixed (B, R), each rank row's expert weight, and with
         routers maps (B, S, R), router p's weight times the one-hot from its gate outputs to
-        its experts' rank rows (else None). Two numpy gathers (microseconds)."""
+        its experts' rank rows (else None). Two numpy gathers (microseconds), C-contiguous
+        as the compiled kernel's signatures expect (``take``; fancy indexing would give a
+        column-major (B, R) for B > 1, and numba would compile another version of it)."""
         if self._columns is None:
             rows = [self.n_experts + p for p, n in self.segments for _ in range(n)]  # gate row -> column
             onehot = None if self.maps is None else self.maps.float().cpu().numpy()  # (S, R)
             self._columns = (self.owner.cpu().numpy(), np.array(rows, np.int64), onehot)
         owner, rows, onehot = self._columns
-        g_fixed = weights[:, owner]  # (B, R)
+        g_fixed = weights.take(owner, 1)  # (B, R)
         if not rows.size:
             return g_fixed, None
-        return g_fixed, weights[:, rows, None] * onehot  # (B, S, R)
+        return g_fixed, weights.take(rows, 1)[:, :, None] * onehot  # (B, S, R)
 
     def compute_factors(self) -> tuple:
         """(weight, bias, b_ts, maps) in the dtype the torch kernels compute in: as stored,
@@ -233,7 +239,8 @@ class Kernel:
     """One group's mixture for one call and batch size (inference only).
 
     h = (x A^T) * g with g = g_fixed + softmax(z) M, where [A; W_rho] x = [h; z] is one
-    matmul (without routers and with one batch row g is folded into A); member m then adds
+    matmul (without routers, with one batch row and off the compiled CPU path g is folded
+    into A); member m then adds
     h[..., span_m] B_m^T to its base output.
     """
 
