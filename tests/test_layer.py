@@ -227,7 +227,7 @@ def test_detach_restores_the_bare_backbone(pico_model, pico_dir, three_experts):
     [
         "fused",  # float32 CPU: numpy gating maps, the compiled decode step and gating
         "unfused",  # float32 CPU without the compiled kernel: numpy maps, torch ops
-        "torch",  # float64: the gating maps built with torch ops (as on other devices)
+        "torch",  # float64: the numpy gating maps copied to the kernels' dtype (as on other devices)
     ],
 )
 def test_inference_kernels_equal_the_reference_path(weights, path, monkeypatch):

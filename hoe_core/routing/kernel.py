@@ -25,7 +25,7 @@ float32 for bfloat16 models on the CPU), with the routers' gating in between com
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request). Everything but the gating is made once per group and active set (a template
 kernel: stacked weights, the compiled kernel's factors), so a preference change only
-computes its small (B, R) and (B, S, R) gating maps, by two numpy gathers on the CPU.
+computes its small (B, R) and (B, S, R) gating maps, by two numpy gathers.
 """
 
 from __future__ import annotations
@@ -88,33 +88,31 @@ class SiblingGroup:
 
     def _build(self, plan, stacked: _Stacked) -> Kernel:
         """The kernel for one preference: the active set's template (everything but the
-        gating, made once per active set) with this preference's (B, R) and (B, S, R) maps.
-        On the CPU they come from two numpy gathers (a slider move rebuilds all groups'
-        kernels, so this is part of the time to the first new token)."""
+        gating, made once per active set) with this preference's (B, R) and (B, S, R) maps,
+        from two numpy gathers (a slider move rebuilds all groups' kernels, so this is part
+        of the time to the first new token). The torch kernels read the same arrays, or a
+        copy in their dtype and device."""
         kernel = stacked.template().fresh()
         if kernel.weight is None:
             return kernel
+        g_np, maps_np = stacked.gating(plan.weights)
+        g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
+        maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
         dtype, device = kernel.weight.dtype, kernel.weight.device
-        w = stacked.weight  # as stored: the compiled kernel reads float32 or bfloat16
         on_numpy = device.type == "cpu" and dtype == torch.float32  # bfloat16 computes in float32 here
-        if on_numpy:
-            g_np, maps_np = stacked.gating(plan.weights)
-            kernel.g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
-            kernel.maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
-        else:
-            kernel.g_fixed = plan.expert_weights.to(dtype)[..., stacked.owner]  # (B, 1, R)
-            if stacked.segments:  # router p's probabilities -> its experts' rank rows
-                w = dict(plan.routers)  # router -> (B, 1, 1)
-                seg_w = torch.cat([w[p].to(dtype).expand(-1, n, -1) for p, n in stacked.segments], 1)
-                kernel.maps = seg_w * stacked.compute_factors()[3]  # (B, S, R)
+        if not on_numpy:
+            g_fixed = g_fixed.to(device, dtype)
+            maps = None if maps is None else maps.to(device, dtype)
+        kernel.g_fixed, kernel.maps = g_fixed, maps
+        w = stacked.weight  # as stored: the compiled kernel reads float32 or bfloat16
         if on_numpy and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             if stacked.factors is None:  # once per active set: the factors in storage format
                 stacked.factors = fused_cpu.Factors.pack(
                     w, stacked.b_ts, stacked.spans, stacked.bias, [n for _, n in stacked.segments]
                 )
             kernel.fused = fused_cpu.FusedGroup(stacked.factors, w.dtype, g_np, maps_np)
-        elif kernel.maps is None and kernel.g_fixed.shape[0] == 1:  # static, one row: fold into A
-            kernel.weight, kernel.g_fixed = kernel.weight * kernel.g_fixed[0, 0, :, None], None
+        elif maps is None and g_fixed.shape[0] == 1:  # static, one row: fold into A
+            kernel.weight, kernel.g_fixed = kernel.weight * g_fixed[0, 0, :, None], None
         return kernel
 
     def _stacked(self, plan, routers: tuple[int, ...], state: tuple) -> _Stacked:
@@ -158,7 +156,6 @@ class SiblingGroup:
             maps=torch.cat(blocks) if blocks else None,
             segments=segments,
             gate_params=params,
-            n_experts=self.members[0].n_experts,
             members=self.members,
         )
 
@@ -175,7 +172,6 @@ class _Stacked:
     maps: torch.Tensor | None  # (S, R) one-hot: gate output -> the rank rows of its expert
     segments: list[tuple[int, int]]  # (router, |S_p|) per gate block, in row order
     gate_params: list[torch.Tensor]  # the gate tensors stacked in (to notice in-place updates)
-    n_experts: int  # E: the anchor weights' first E columns are the experts'
     members: list  # the group's layers, in slot order
     factors: fused_cpu.Factors | None = None  # the fused CPU kernel's copy, made on first use
     widened: tuple | None = None  # float32 copies for bfloat16 on the CPU, made on first use
@@ -186,7 +182,7 @@ class _Stacked:
         """The preference-independent part of this active set's kernels (made once):
         :meth:`SiblingGroup._build` copies it and adds one preference's gating."""
         if self._template is None:
-            weight, bias, b_ts, _ = self.compute_factors()
+            weight, bias, b_ts = self.compute_factors()
             sizes = [n for _, n in self.segments]
             self._template = Kernel(
                 weight if weight.shape[0] else None,
@@ -211,7 +207,8 @@ class _Stacked:
         as the compiled kernel's signatures expect (``take``; fancy indexing would give a
         column-major (B, R) for B > 1, and numba would compile another version of it)."""
         if self._columns is None:
-            rows = [self.n_experts + p for p, n in self.segments for _ in range(n)]  # gate row -> column
+            n_experts = self.members[0].n_experts  # the anchor weights' first E columns
+            rows = [n_experts + p for p, n in self.segments for _ in range(n)]  # gate row -> column
             onehot = None if self.maps is None else self.maps.float().cpu().numpy()  # (S, R)
             self._columns = (self.owner.cpu().numpy(), np.array(rows, np.int64), onehot)
         owner, rows, onehot = self._columns
@@ -221,16 +218,16 @@ class _Stacked:
         return g_fixed, weights.take(rows, 1)[:, :, None] * onehot  # (B, S, R)
 
     def compute_factors(self) -> tuple:
-        """(weight, bias, b_ts, maps) in the dtype the torch kernels compute in: as stored,
+        """(weight, bias, b_ts) in the dtype the torch kernels compute in: as stored,
         except bfloat16 on the CPU, which computes in float32 (exact copies, kept once per
         active set). CPUs without bfloat16 units run float32 GEMMs about 3x faster (the
         backbone's prefill: 0.19 s at fp32, 0.56 s at bf16), with fewer roundings; y stays
         bfloat16."""
         if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
-            return self.weight, self.bias, self.b_ts, self.maps
+            return self.weight, self.bias, self.b_ts
         if self.widened is None:
             wide = lambda t: None if t is None else t.float()  # noqa: E731
-            self.widened = (wide(self.weight), wide(self.bias), [wide(t) for t in self.b_ts], wide(self.maps))
+            self.widened = (wide(self.weight), wide(self.bias), [wide(t) for t in self.b_ts])
         return self.widened
 
 
