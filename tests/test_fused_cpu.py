@@ -125,9 +125,8 @@ def test_batched_calls_after_warm_up_compile_nothing_new(dtype):
         layer(torch.randn(2, 1, 16).to(dtype))  # decode step: group_step
         (kernel,) = layer.group.kernels.values()
         layer(torch.randn(2, 7, 16).to(dtype))  # prefill: the torch GEMM, then gate_rows
+    assert kernel.fused is not None
     assert [len(k.signatures) for k in kernels] == before
-    g_fixed, maps = kernel.fused.gate_args[2:]
-    assert g_fixed.flags.c_contiguous and maps.flags.c_contiguous
 
 
 @pytest.mark.parametrize(

@@ -187,6 +187,7 @@ def test_fused_inference_path_equals_trainable_path_and_follows_gate_updates():
     factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3, 4)]
     routers = [([0, 1], torch.randn(2, 16), torch.randn(2)), ([1, 2], torch.randn(2, 16), torch.randn(2))]
     layer = HoELinear(base, "x", factors, routers=routers)
+    layer.gates.requires_grad_(True)  # being trained
     weights = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5, 0.0]])
     for seq in (1, 6):
         x = torch.randn(2, seq, 16)
@@ -287,6 +288,7 @@ def test_inference_kernel_follows_a_gate_update_inside_one_routing_block():
     base = torch.nn.Linear(8, 6)
     factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(2)]
     layer = HoELinear(base, "x", factors, routers=[([0, 1], None, None)])
+    layer.gates.requires_grad_(True)  # being trained
     x = torch.randn(1, 1, 8)
     with use_routing(torch.tensor([[0.0, 0.0, 1.0]])), torch.no_grad():
         before = layer(x)
@@ -381,11 +383,13 @@ def test_an_optimiser_step_inside_one_routing_block_reaches_the_inference_kernel
     layer = HoELinear(
         torch.nn.Linear(16, 12), "x", factors, routers=[([0, 1], torch.randn(2, 16), torch.randn(2))]
     )
+    assert not any(p.requires_grad for p in layer.gates.parameters())  # frozen until trained
     optimiser = torch.optim.SGD(layer.gates.parameters(), lr=1.0)
     x = torch.randn(1, 1, 16)
     with use_routing(torch.tensor([[0.2, 0.0, 0.8]])):
         with torch.no_grad():
-            before = layer(x)  # builds this block's kernel
+            before = layer(x)  # builds this block's kernel while the gates are frozen
+        layer.gates.requires_grad_(True)  # training starts inside the block
         layer(x).square().sum().backward()  # the trainable path
         optimiser.step()
         with torch.no_grad():

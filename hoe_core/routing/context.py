@@ -96,8 +96,9 @@ class Routing:
         self.gates.setdefault(module, []).append(gates.detach().float().cpu())
 
 
-def current_routing() -> Routing | None:
-    return _ROUTING.get()
+# () -> Routing | None: the routing of the current block, or None outside one. The context
+# variable's own ``get`` (no Python frame: every HoE layer asks once per token)
+current_routing = _ROUTING.get
 
 
 @contextmanager

@@ -192,10 +192,26 @@ def hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no c
 
 
 @_jit
-def gate_rows(z_addr, n, width, seq, n_rank, starts, g_fixed, maps):  # pragma: no cover - compiled
+def _gating(floats, layout):  # pragma: no cover - compiled
+    """Views of a group's packed arrays (:class:`FusedGroup`): the bias (R + S,), g_fixed
+    (B, R) and maps (B, S, R) from ``floats``; R and the gate block offsets from ``layout``."""
+    rows, n_rank, n_starts = layout[0], layout[2], layout[3]
+    starts = layout[5 : 5 + n_starts]
+    n_gates = rows - n_rank
+    n_batch = (floats.shape[0] - rows) // (n_rank + n_gates * n_rank)
+    g_end = rows + n_batch * n_rank
+    g_fixed = floats[rows:g_end].reshape((n_batch, n_rank))
+    maps = floats[g_end:].reshape((n_batch, n_gates, n_rank))
+    return floats[:rows], n_rank, starts, g_fixed, maps
+
+
+@_jit
+def gate_rows(z_addr, n, width, seq, floats, layout):  # pragma: no cover - compiled
     """Prefill's gating, in place: rows (n, R + S) float32 at ``z_addr`` hold A x, then the
     gate logits plus their biases (one torch GEMM made them); each row's first R columns
-    become its gated h (:func:`gate_row`). seq = T as in :func:`hidden_rows`."""
+    become its gated h (:func:`gate_row`). seq = T as in :func:`hidden_rows`; floats and
+    layout a :class:`FusedGroup`'s packed arrays."""
+    _, n_rank, starts, g_fixed, maps = _gating(floats, layout)
     z = numba.carray(_address(z_addr), (n, width), np.float32)
     g = np.empty(n_rank, np.float32)
     for i in range(n):
@@ -219,22 +235,26 @@ def add_low_rank(h, lo, hi, b_t, y):  # pragma: no cover - compiled
 
 
 @_jit
-def group_step(
-    io, x_addr, n, seq, w, b, n_rank, starts, g_fixed, maps, b_flat, members, y_addrs
-):  # pragma: no cover
+def group_step(io, x_addr, n, seq, flat, floats, layout, y_addrs):  # pragma: no cover - compiled
     """One decode step of a sibling group in one call: h (n, R), then every member's delta.
 
     io: an empty array of the activations' dtype (float32, or uint16 for bfloat16);
-    x_addr: address of the input rows (n, in); w ... maps as in :func:`hidden_rows`;
-    b_flat: every member's B^T (R_m, out_m) flattened, in w's storage format; members
-    (M, 4) int64: per member its offset in b_flat, its rank columns [lo, hi) of h and
-    out_m; y_addrs (M,) int64: address of member m's base output (n, out_m), to add its
-    delta to in place, or 0 to leave it (the caller adds it).
+    x_addr: address of the input rows (n, in); seq = T as in :func:`hidden_rows`; flat,
+    floats, layout: a :class:`FusedGroup`'s packed arrays (the factors in storage format,
+    the float32 bias and gating maps, the int64 sizes and member table: three arrays for
+    the dispatcher to check instead of eight); y_addrs (M,) int64: address of member m's
+    base output (n, out_m), to add its delta to in place, or 0 to leave it (the caller
+    adds it).
     """
-    x = numba.carray(_address(x_addr), (n, w.shape[1]), io.dtype)
+    rows, n_in, n_starts, n_members = layout[0], layout[1], layout[3], layout[4]
+    members = layout[5 + n_starts : 5 + n_starts + 4 * n_members].reshape((n_members, 4))
+    w = flat[: rows * n_in].reshape((rows, n_in))
+    b_flat = flat[rows * n_in :]
+    b, n_rank, starts, g_fixed, maps = _gating(floats, layout)
+    x = numba.carray(_address(x_addr), (n, n_in), io.dtype)
     h = np.empty((n, n_rank), np.float32)
     hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
-    for m in range(members.shape[0]):
+    for m in range(n_members):
         off, lo, hi, n_out = members[m, 0], members[m, 1], members[m, 2], members[m, 3]
         if hi > lo and y_addrs[m] != 0:
             y = numba.carray(_address(y_addrs[m]), (n, n_out), io.dtype)
@@ -262,19 +282,20 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class Factors:
-    """A group's factors for one active set (preference-independent), in storage format.
+    """A group's factors for one active set (preference-independent), packed for the
+    compiled calls.
 
-    weight (R + S, in): the active A rows, then the gates; bias (R + S,) float32: zeros,
-    then the gate biases; starts (P + 1,) int64: offsets of the gate blocks in S ([0]
-    without routers); b_flat: each member's B^T (R_m, out_m) flattened in turn; members
-    (M, 4) int64: offset in b_flat, rank columns [lo, hi) of h, out_m.
+    flat: the stacked weight (R + S, in) -- the active A rows, then the gates -- then each
+    member's B^T (R_m, out_m), flattened in turn, in storage format; bias (R + S,) float32:
+    zeros, then the gate biases; layout int64: [R + S, in, R, P + 1, M], the gate block
+    offsets in S (P + 1; [0] without routers), then per member its offset in the B^T part,
+    its rank columns [lo, hi) of h and out_m (M x 4). ``weight``, ``b_flat``, ``starts``
+    and ``members`` are views of these.
     """
 
-    weight: np.ndarray
+    flat: np.ndarray
     bias: np.ndarray
-    starts: np.ndarray
-    b_flat: np.ndarray
-    members: np.ndarray
+    layout: np.ndarray
 
     @classmethod
     def pack(
@@ -295,13 +316,32 @@ class Factors:
             (off, lo, hi, t.shape[-1] if hi > lo else 0) for off, (lo, hi), t in zip(offsets, spans, b_ts)
         ]
         half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
+        rows, n_in = weight.shape
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        head = [rows, n_in, rows - int(starts[-1]), len(starts), len(members)]
         return cls(
-            _stored(weight, half),
-            np.zeros(weight.shape[0], np.float32) if bias is None else _f32(bias),
-            np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
-            _stored(b_flat, half),
-            np.array(members, np.int64).reshape(-1, 4),
+            np.concatenate([_stored(weight, half).ravel(), _stored(b_flat, half)]),
+            np.zeros(rows, np.float32) if bias is None else _f32(bias),
+            np.concatenate([head, starts, np.array(members, np.int64).ravel()]).astype(np.int64),
         )
+
+    @property
+    def weight(self) -> np.ndarray:  # (R + S, in)
+        rows, n_in = self.layout[:2]
+        return self.flat[: rows * n_in].reshape(rows, n_in)
+
+    @property
+    def b_flat(self) -> np.ndarray:
+        return self.flat[self.layout[0] * self.layout[1] :]
+
+    @property
+    def starts(self) -> np.ndarray:  # (P + 1,)
+        return self.layout[5 : 5 + self.layout[3]]
+
+    @property
+    def members(self) -> np.ndarray:  # (M, 4)
+        lo = 5 + self.layout[3]
+        return self.layout[lo : lo + 4 * self.layout[4]].reshape(-1, 4)
 
 
 class FusedGroup:
@@ -318,16 +358,21 @@ class FusedGroup:
     ) -> None:
         """``g_fixed`` (B, R) float32: the expert anchors' weights per rank row; ``maps``
         (B, S, R) float32: router weight x one-hot (gate output -> its expert's rank rows),
-        or None without routers."""
+        or None without routers. Packed with the factors' bias into one float32 array
+        ``floats`` = [bias (R + S), g_fixed, maps] for the compiled calls."""
         self.factors, self.dtype = factors, dtype
         self.io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
         f, n_rank = factors, g_fixed.shape[1]
         self.routed = maps is not None
         if maps is None:  # no gate rows
             maps = np.zeros((g_fixed.shape[0], 0, n_rank), np.float32)
-        self.n_in, self.out_sizes = f.weight.shape[1], f.members[:, 3].tolist()
-        self.args = (f.weight, f.bias, n_rank, f.starts, g_fixed, maps, f.b_flat, f.members)  # group_step's
-        self.gate_args = (n_rank, f.starts, g_fixed, maps)  # gate_rows'
+        if f.layout[2] != n_rank or f.layout[0] != n_rank + maps.shape[1]:
+            raise ValueError(
+                f"gating maps for R={n_rank}, S={maps.shape[1]} do not fit factors {f.layout[:3]}"
+            )
+        self.floats = np.concatenate([f.bias, g_fixed.ravel(), maps.ravel()]).astype(np.float32, copy=False)
+        self.n_in, self.out_sizes = int(f.layout[1]), f.members[:, 3].tolist()
+        self.args = (f.flat, self.floats, f.layout)  # group_step's
         self.z_shape = (g_fixed.shape[0], n_rank + maps.shape[1])  # (B, R + S) of gate()'s input
 
     def accepts(self, x3: torch.Tensor) -> bool:
@@ -354,25 +399,39 @@ class FusedGroup:
         bsz, seq, width = z.shape
         if not self.routed or (bsz, width) != self.z_shape or not self._addressable(z, torch.float32):
             return False
-        gate_rows(z.data_ptr(), bsz * seq, width, seq, *self.gate_args)
+        gate_rows(z.data_ptr(), bsz * seq, width, seq, self.floats, self.factors.layout)
         return True
 
-    def step(self, x3: torch.Tensor, ys: list) -> list[int]:
+    def addresses(self) -> np.ndarray:
+        """A buffer for :meth:`step`'s output addresses, (M,) int64; one per caller and call
+        (a kernel's per-call copy holds it), so threads sharing this group never share it."""
+        return np.zeros(len(self.out_sizes), np.int64)
+
+    def step(self, x3: torch.Tensor, ys: list, addrs: np.ndarray) -> list[int]:
         """Add every member's delta to its base output ``ys[m]`` (B, T, out_m), in place, for
-        input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. Returns the
-        members whose output it cannot write (another size, or not :meth:`_addressable`): the
-        caller adds theirs. The compiled call reads and writes by address, so nothing reaches
-        it unchecked."""
+        input x3 (B, T, in) accepted by :meth:`accepts`; None entries are skipped. ``addrs``:
+        a buffer from :meth:`addresses`, overwritten. Returns the members whose output it
+        cannot write (another size, or not :meth:`_addressable`): the caller adds theirs.
+        The compiled call reads and writes by address, so nothing reaches it unchecked."""
         bsz, seq, _ = x3.shape
-        addrs, skipped = [0] * len(ys), []
+        rows, dtype, skipped = bsz * seq, self.dtype, []
         for m, (y, size) in enumerate(zip(ys, self.out_sizes)):
+            ptr = 0
             if y is None or not size:  # no active expert in this member: nothing to add
-                continue
-            if self._addressable(y) and y.numel() == bsz * seq * size:
-                addrs[m] = y.data_ptr()
+                pass
+            elif (  # _addressable(y), inline: once per member and token
+                y.dtype == dtype
+                and y.is_cpu
+                and y.layout == torch.strided
+                and y.is_contiguous()
+                and not y.requires_grad
+                and y.numel() == rows * size
+            ):
+                ptr = y.data_ptr()
             else:
                 skipped.append(m)
-        group_step(self.io, x3.data_ptr(), bsz * seq, seq, *self.args, np.array(addrs, np.int64))
+            addrs[m] = ptr
+        group_step(self.io, x3.data_ptr(), bsz * seq, seq, *self.args, addrs)
         return skipped
 
 
@@ -392,4 +451,4 @@ def warm_up(dtype: torch.dtype) -> None:
         group = FusedGroup(f, dtype, g_fixed, maps)
         group_step(io, x.data_ptr(), 1, 1, *group.args, addrs)
     z = torch.zeros(1, 3)  # prefill's gating: float32 for both (bfloat16 computes in float32)
-    gate_rows(z.data_ptr(), 1, 3, 1, *group.gate_args)
+    gate_rows(z.data_ptr(), 1, 3, 1, group.floats, f.layout)

@@ -60,10 +60,14 @@ class SiblingGroup:
         lead = self.members[0]
         plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
         routers = tuple(p for p, _ in plan.routers)
-        # the gates' identities and in-place update counts, and the factors' dtype: a gate
-        # replaced or updated, or the model cast, is a new key (the cached entries keep their
-        # tensors alive, so an id is never reused while it is a key)
-        state = (lead.lora_A.dtype, *((id(t), t._version) for t in self._gate_params(routers)))
+        # the gates' identities, in-place update counts and whether they train, and the
+        # factors' dtype: a gate replaced, updated or unfrozen, or the model cast, is a new
+        # key (the cached entries keep their tensors alive, so an id is never reused while it
+        # is a key)
+        state = (
+            lead.lora_A.dtype,
+            *((id(t), t._version, t.requires_grad) for t in self._gate_params(routers)),
+        )
         stacked = self._stacked(plan, routers, state)
         key = (plan.weights_key, plan.key, plan.device, state)
         kernel = self.kernels.pop(key, None)  # re-inserted last: the least recently used goes first
@@ -193,7 +197,11 @@ class _Stacked:
                 sizes,
                 b_ts,
                 self.spans,
-                tuple((t, t._version) for t in self.gate_params),
+                # trainable gates are watched for in-place updates (an optimiser step inside one
+                # routing block); frozen ones (served models) cost no per-call check
+                tuple((t, t._version) for t in self.gate_params)
+                if any(t.requires_grad for t in self.gate_params)
+                else (),
                 len(self.members) > 1,
                 members=self.members,
             )
@@ -249,12 +257,13 @@ class Kernel:
     sizes: list[int] | tuple  # gate block sizes (one softmax each)
     b_ts: list[torch.Tensor | None]  # per member (R_m, out_m)
     spans: list[tuple[int, int]]  # per member its columns of h
-    versions: tuple  # (gate tensor, its version when stacked)
+    versions: tuple  # (gate tensor, its version when stacked) of trainable gates, else ()
     shared: bool  # several members: keep the last h (or fused outputs) for the siblings
     fused: fused_cpu.FusedGroup | None = None  # CPU float32 / bfloat16: the compiled decode step and gating
     members: list = field(default_factory=list)  # the group's HoE layers, in slot order
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
     _outs: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, version, outputs)
+    _addrs: np.ndarray | None = field(default=None, init=False, repr=False)  # the fused step's, per call
 
     def __post_init__(self) -> None:
         sizes = list(self.sizes)
@@ -271,6 +280,7 @@ class Kernel:
         kernel = object.__new__(Kernel)
         kernel.__dict__.update(self.__dict__)
         kernel._last = kernel._outs = (None, -1, None)
+        kernel._addrs = None
         return kernel
 
     def current(self) -> bool:
@@ -285,7 +295,11 @@ class Kernel:
         of all members and their deltas in one compiled call, and keeps the siblings' for
         their own calls with that same tensor (each handed out once).
         """
-        slot, version = layer.slot, _version(x)
+        slot = layer.slot
+        try:  # _version(x), inline: once per layer and token
+            version = x._version
+        except RuntimeError:
+            version = None
         last_x, last_version, outs = self._outs
         if last_x is x and version is not None and last_version == version and outs[slot] is not None:
             y, outs[slot] = outs[slot], None
@@ -297,7 +311,9 @@ class Kernel:
             else:  # alone: called out of order, or an inference tensor (no version to key on)
                 ys = [None] * len(self.members)
                 ys[slot] = layer._base_call(x)
-            for m in self.fused.step(x3, ys):  # outputs it cannot write: torch adds their deltas
+            if self._addrs is None:
+                self._addrs = self.fused.addresses()
+            for m in self.fused.step(x3, ys, self._addrs):  # outputs it cannot write: torch adds theirs
                 ys[m] = self.add_delta(m, self.hidden(x, x3), ys[m])
             y, ys[slot] = ys[slot], None
             if share:

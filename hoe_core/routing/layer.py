@@ -100,6 +100,7 @@ class HoELinear(nn.Module):
         with torch.no_grad():
             gate.weight.copy_(weight if weight is not None else torch.zeros_like(gate.weight))
             gate.bias.copy_(bias if bias is not None else torch.zeros_like(gate.bias))
+        gate.requires_grad_(False)  # frozen like the backbone; router training unfreezes its own
         self.subsets.append(list(subset))
         self.gates.append(gate)
         self._cache.clear()
@@ -152,7 +153,7 @@ class HoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = current_routing()
         if routing is None or not self.has_experts:
-            return self.base(x)
+            return self._base_call(x)
         x3 = x[:, None] if x.dim() == 2 else x  # (B, T, in)
         if routing.record_gates:
             routing.record(self.name, self.expert_gates(x3, routing.weights_for(x3.shape[0]).to(x3.device)))
@@ -161,9 +162,9 @@ class HoELinear(nn.Module):
         # inference (no router being trained): the group's per-call kernel, built on first use
         key = (self.group, x3.shape[0])
         kernel = routing.kernels.get(key)
-        # a gate changed in place since the kernel was built (an optimiser step between two
-        # forwards of one routing block): the group's first member (q, gate: HF calls it
-        # first) rebuilds, its siblings then read the new kernel
+        # a trainable gate changed in place since the kernel was built (an optimiser step
+        # between two forwards of one routing block): the group's first member (q, gate: HF
+        # calls it first) rebuilds, its siblings then read the new kernel
         if kernel is None or (self.slot == 0 and kernel.versions and not kernel.current()):
             kernel = routing.kernels[key] = self.group.kernel(routing, x3)
         return kernel(self, x, x3)
@@ -171,12 +172,20 @@ class HoELinear(nn.Module):
     def _base_call(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen linear's output; its ``forward`` directly when nothing hooks it (one
         ``Module.__call__`` less per layer and token)."""
-        base = self.base
-        if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
+        base = self._modules["base"]  # not self.base: Module.__getattr__ runs after a failed lookup
+        if (
+            base._forward_hooks
+            or base._forward_pre_hooks
+            or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+        ):
             return base(x)
         return base.forward(x)
 
     def _forward_trainable(self, x: torch.Tensor, x3: torch.Tensor, routing) -> torch.Tensor:
+        # an optimiser step may follow: the next inference call rebuilds the group's kernel,
+        # which then watches the (now trainable) gates for in-place updates
+        routing.kernels.pop((self.group, x3.shape[0]), None)
         y = self.base(x)
         plan = routing.plan(x3.shape[0], self.n_experts, self.subsets, x3.device)
         act = self._active(plan)
@@ -206,11 +215,6 @@ class _Active:
     b_t: torch.Tensor  # (R_a, out), contiguous: the inference kernels' right factor
     owner: torch.Tensor  # (R_a,) expert of each rank row
     maps: dict[int, torch.Tensor]  # active router p -> (|S_p|, R_a) one-hot
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks are registered globally (``register_module_forward_hook``)."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def _device_of(module: nn.Module) -> torch.device:
