@@ -39,7 +39,8 @@ def export_renamed(commit: str, dest: Path) -> str:
     tar = subprocess.run(["git", "archive", commit, "hoe_core"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=BytesIO(tar)) as archive:
         archive.extractall(dest / "src", filter="data")
-    pattern = re.compile(r"\bhoe_core\b")
+    # only the imports: string literals (the weight cache's folder name, command lines) stay
+    pattern = re.compile(r"^(\s*(?:from|import)\s+)hoe_core\b", re.MULTILINE)
     for path in (dest / "src" / "hoe_core").rglob("*"):
         target = dest / name / path.relative_to(dest / "src" / "hoe_core")
         if path.is_dir():
@@ -47,7 +48,7 @@ def export_renamed(commit: str, dest: Path) -> str:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".py":
-            target.write_text(pattern.sub(name, path.read_text()))
+            target.write_text(pattern.sub(rf"\g<1>{name}", path.read_text()))
         else:
             target.write_bytes(path.read_bytes())
     return name
@@ -62,15 +63,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:  # kept to the end: numba caches compiled code in it
+        old_name = export_renamed(args.old, Path(tmp))
+        (Path(tmp) / "assets").symlink_to(Path("assets").resolve())  # its data files' root
+        sys.path.insert(0, tmp)
+        text = compare(args, old_name)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
+
+def compare(args, old_name: str) -> str:
+    """Both versions' HoE models and the backbone, decoded in shuffled order; the report."""
     from hoe_core.backbone import load_backbone
     from hoe_core.bench import BENCH_PROMPTS, _generate_timed
     from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
 
-    tmp = tempfile.TemporaryDirectory()  # kept to the end: numba caches compiled code beside it
-    old_name = export_renamed(args.old, Path(tmp.name))
-    sys.path.insert(0, tmp.name)
     old = importlib.import_module(f"{old_name}.bundle").load_bundle(BUNDLE, precision=args.precision)
     new = load_bundle(BUNDLE, precision=args.precision)
     bare = load_backbone(new.manifest.backbone["spec"], args.precision, "cpu", base_dir=new.root).model
@@ -115,10 +124,7 @@ def main() -> None:
         f"**{diff_first:+.1f} ms**.",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    tmp.cleanup()
+    return text
 
 
 if __name__ == "__main__":

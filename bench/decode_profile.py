@@ -13,7 +13,7 @@ threads (mostly spinning between ops).
         [--out bench/decode_profile.md]
 
 Needs ``perf`` on the PATH and ``kernel.perf_event_paranoid`` <= 2 (profiling one's own
-processes). Samples include the prompt's prefill, amortised over the tokens.
+processes). Samples include the prompt's prefill, amortised over the tokens; loading, warm-up and teardown are not sampled.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,8 +37,10 @@ BUNDLE = "assets/smollm2-hhh"
 PREFERENCE = (0.4, 0.3, 0.3)
 
 
-def worker(arm: str, precision: str, tokens: int, runs: int, ready: Path, out: Path) -> None:
-    """Load one arm, warm it up, signal ``ready``, then decode ``runs`` times (profiled)."""
+def worker(arm: str, precision: str, tokens: int, runs: int, tmp: Path) -> None:
+    """Load one arm, warm it up, signal ``<arm>.ready``; once the profiler is attached
+    (``<arm>.go``) decode ``runs`` times and write ``<arm>.json``, then wait for
+    ``<arm>.done`` before exiting, so the profile holds the timed runs only."""
     from contextlib import nullcontext
     from functools import partial
 
@@ -58,52 +61,64 @@ def worker(arm: str, precision: str, tokens: int, runs: int, ready: Path, out: P
         ctx = partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE]))
     enc = encode_chat(tok, [BENCH_PROMPTS[0]], "cpu")
     _generate_timed(model, enc, 16, ctx)  # warm-up (kernels compiled, caches built)
-    ready.write_text("1")
-    time.sleep(1.0)  # perf attaches
+    (tmp / f"{arm}.ready").write_text("1")
+    _wait_for(tmp / f"{arm}.go")
     ms = [_generate_timed(model, enc, tokens, ctx).decode_s / (tokens - 1) * 1e3 for _ in range(runs)]
-    out.write_text(json.dumps({"ms_per_token": ms}))
+    (tmp / f"{arm}.json").write_text(json.dumps({"ms_per_token": ms}))
+    _wait_for(tmp / f"{arm}.done")
+
+
+def _wait_for(path: Path, child: subprocess.Popen | None = None) -> None:
+    while not path.exists():
+        if child is not None and child.poll() is not None:
+            raise RuntimeError(f"worker exited with {child.returncode} before writing {path.name}")
+        time.sleep(0.05)
 
 
 def profile(arm: str, args, tmp: Path) -> tuple[Path, float]:
     """Run one arm's worker under ``perf record``; returns the data file and median ms/token."""
-    ready, out, data = tmp / f"{arm}.ready", tmp / f"{arm}.json", tmp / f"{arm}.data"
+    out, data = tmp / f"{arm}.json", tmp / f"{arm}.data"
     child = subprocess.Popen(
         [sys.executable, __file__, "--worker", arm, "--precision", args.precision,
          "--tokens", str(args.tokens), "--runs", str(args.runs), "--tmp", str(tmp)]
     )  # fmt: skip
-    while not ready.exists():
-        if child.poll() is not None:
-            raise RuntimeError(f"{arm} worker exited with {child.returncode} before it was ready")
-        time.sleep(0.2)
+    _wait_for(tmp / f"{arm}.ready", child)
     perf = subprocess.Popen(
         ["perf", "record", "-F", str(HZ), "-e", "cpu-clock", "-p", str(child.pid), "-o", str(data)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    time.sleep(1.0)  # perf attaches to every thread
+    if perf.poll() is not None:
+        raise RuntimeError(f"perf record exited with {perf.returncode} (kernel.perf_event_paranoid?)")
+    (tmp / f"{arm}.go").write_text("1")
+    _wait_for(out, child)
+    perf.send_signal(signal.SIGINT)  # stop sampling before the worker tears down
+    perf.wait()
+    (tmp / f"{arm}.done").write_text("1")
     if child.wait() != 0:
         raise RuntimeError(f"{arm} worker failed ({child.returncode})")
-    perf.wait()
     return data, statistics.median(json.loads(out.read_text())["ms_per_token"])
 
 
 def by_dso(data: Path, tokens: int) -> dict[tuple[str, str], float]:
     """(library, 'main' | 'other' thread) -> ms per token."""
     text = subprocess.run(
-        ["perf", "script", "-i", str(data), "-F", "tid,ip,dso"], capture_output=True, text=True, check=True
+        ["perf", "script", "-i", str(data), "-F", "pid,tid,ip,dso"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    counts, per_tid = collections.Counter(), collections.Counter()
+    out = collections.Counter()
     for line in text.splitlines():
         parts = line.split()
         if len(parts) < 3:
             continue
-        tid, dso = parts[0], parts[-1].strip("()").rsplit("/", 1)[-1]
+        pid_tid, dso = parts[0], parts[-1].strip("()").rsplit("/", 1)[-1]
+        pid, _, tid = pid_tid.partition("/")
         dso = "numba JIT" if dso.startswith("perf-") and dso.endswith(".map") else dso
-        counts[(tid, dso)] += 1
-        per_tid[tid] += 1
-    main = per_tid.most_common(1)[0][0]  # the Python thread: the busiest that is not spinning
-    out = collections.Counter()
-    for (tid, dso), n in counts.items():
-        out[(dso, "main" if tid == main else "other")] += n / HZ / tokens * 1e3
+        thread = "main" if tid == pid else "other"  # the main thread runs Python
+        out[(dso, thread)] += 1 / HZ / tokens * 1e3
     return out
 
 
@@ -147,9 +162,7 @@ def main() -> None:
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        tmp = Path(args.tmp)
-        worker(args.worker, args.precision, args.tokens, args.runs, tmp / f"{args.worker}.ready",
-               tmp / f"{args.worker}.json")  # fmt: skip
+        worker(args.worker, args.precision, args.tokens, args.runs, Path(args.tmp))
         return
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: linux-perf); this measurement needs it")

@@ -113,9 +113,9 @@ def _spy(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_calls_after_warm_up_compile_nothing_new(dtype):
-    """``warm_up`` compiles what a served model calls, batch 1 or more: the gating maps of
-    a batch are C-contiguous like one row's, so numba reuses the warmed-up versions instead
-    of compiling another layout on the first batched request."""
+    """``warm_up`` compiles what a served model calls, batch 1 or more: a batch's gating
+    maps reach the compiled calls packed like one row's, so numba reuses the warmed-up
+    versions instead of compiling another layout on the first batched request."""
     fused_cpu.warm_up(dtype)
     kernels = (fused_cpu.group_step, fused_cpu.gate_rows)
     before = [len(k.signatures) for k in kernels]

@@ -300,6 +300,68 @@ def test_inference_kernel_follows_a_gate_update_inside_one_routing_block():
     assert_close(after, want.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_training_at_another_batch_size_reaches_the_inference_kernels():
+    """A kernel built while the gates were frozen, then a trainable forward and optimiser
+    step at another batch size: the next inference call at the first size sees the step."""
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(4)
+    factors = [(torch.randn(12, r), torch.randn(r, 16)) for r in (2, 3)]
+    layer = HoELinear(
+        torch.nn.Linear(16, 12), "x", factors, routers=[([0, 1], torch.randn(2, 16), torch.randn(2))]
+    )
+    optimiser = torch.optim.SGD(layer.gates.parameters(), lr=1.0)
+    w, x = torch.tensor([[0.2, 0.0, 0.8]]), torch.randn(1, 1, 16)
+    with use_routing(w):
+        with torch.no_grad():
+            before = layer(x)  # batch 1, frozen gates
+        layer.gates.requires_grad_(True)
+        with use_routing(w.expand(2, -1)):  # training in its own block, at batch 2
+            layer(torch.randn(2, 1, 16)).square().sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            after = layer(x)
+    with use_routing(w):
+        reference = layer(x).detach()
+    assert not torch.allclose(before, after)
+    assert_close(after, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_cached_while_frozen_is_not_reused_for_trainable_gates():
+    """Unfreezing is part of the kernel cache key: a block opened after it watches the
+    now trainable gates for in-place updates, though its kernel was cached while frozen."""
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(5)
+    factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(2)]
+    layer = HoELinear(torch.nn.Linear(8, 6), "x", factors, routers=[([0, 1], torch.randn(2, 8), None)])
+    w, x = torch.tensor([[0.0, 0.0, 1.0]]), torch.randn(1, 1, 8)
+    with use_routing(w), torch.no_grad():
+        layer(x)  # cached for this preference while frozen
+    layer.gates.requires_grad_(True)
+    with use_routing(w), torch.no_grad():
+        layer(x)
+        layer.gates[0].weight.add_(torch.randn(2, 8))  # in place, no trainable forward
+        after = layer(x)
+    with use_routing(w):
+        reference = layer(x).detach()
+    assert_close(after, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_set_router_prior_inside_a_routing_block_reaches_its_kernels(pico_model, three_experts):
+    hoe = _hoe(pico_model, three_experts)
+    ids = _ids(seed=11)
+    w = hoe.anchor_weights([[1 / 3, 1 / 3, 1 / 3]])
+    with hoe.routing(anchor_weights=w), torch.no_grad():
+        before = hoe.model(ids).logits
+        hoe.set_router_prior(0, [0.8, 0.1, 0.1])
+        after = hoe.model(ids).logits
+    with hoe.routing(anchor_weights=w), torch.no_grad():
+        reference = hoe.model(ids).logits
+    assert not torch.allclose(before, after)
+    assert_close(after, reference)
+
+
 def test_sibling_layers_share_one_kernel_group(pico_model, three_experts):
     hoe = _hoe(pico_model, three_experts)
     attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."

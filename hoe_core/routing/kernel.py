@@ -50,6 +50,10 @@ class SiblingGroup:
         self.members = members
         self.stacks: dict = {}  # (plan key, device, gate state) -> _Stacked
         self.kernels: dict = {}  # (weights, plan key, device, gate state) -> Kernel, recent preferences
+        # bumped when the gates may have changed in a way the kernels would not notice (a
+        # trainable forward, which an optimiser step may follow; HoELinear.gates_changed):
+        # every routing block's kernel of this group built before it is rebuilt on next use
+        self.epoch = 0
         for slot, m in enumerate(members):
             m.group, m.slot = self, slot
 
@@ -76,7 +80,9 @@ class SiblingGroup:
             while len(self.kernels) >= _CACHE_SIZE:
                 self.kernels.pop(next(iter(self.kernels)), None)
         self.kernels[key] = kernel
-        return kernel.fresh()
+        fresh = kernel.fresh()
+        fresh.epoch = self.epoch  # the key above checked the gates as they are now
+        return fresh
 
     def _gate_params(self, routers: tuple[int, ...]) -> list[torch.Tensor]:
         """Every member's gate weight and bias of ``routers``, looked up afresh on every call
@@ -122,7 +128,7 @@ class SiblingGroup:
     def _stacked(self, plan, routers: tuple[int, ...], state: tuple) -> _Stacked:
         """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
         gate's weights change (``state``: the factors' dtype, then per gate tensor of the
-        routers its id and ``_version``, which counts in-place updates)."""
+        routers its id, ``_version`` (which counts in-place updates) and ``requires_grad``)."""
         key = (plan.key, plan.device, state)
         stacked = self.stacks.get(key)
         if stacked is None:
@@ -212,8 +218,8 @@ class _Stacked:
         experts, then the routers): g_fixed (B, R), each rank row's expert weight, and with
         routers maps (B, S, R), router p's weight times the one-hot from its gate outputs to
         its experts' rank rows (else None). Two numpy gathers (microseconds), C-contiguous
-        as the compiled kernel's signatures expect (``take``; fancy indexing would give a
-        column-major (B, R) for B > 1, and numba would compile another version of it)."""
+        (``take``; fancy indexing would give a column-major (B, R) for B > 1), as the torch
+        kernels read them; the compiled kernel gets them packed (``FusedGroup.floats``)."""
         if self._columns is None:
             n_experts = self.members[0].n_experts  # the anchor weights' first E columns
             rows = [n_experts + p for p, n in self.segments for _ in range(n)]  # gate row -> column
@@ -264,6 +270,7 @@ class Kernel:
     _last: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, its version, h)
     _outs: tuple = field(default=(None, -1, None), init=False, repr=False)  # (input, version, outputs)
     _addrs: np.ndarray | None = field(default=None, init=False, repr=False)  # the fused step's, per call
+    epoch: int = field(default=0, init=False, repr=False)  # the group's epoch when handed out
 
     def __post_init__(self) -> None:
         sizes = list(self.sizes)
@@ -284,7 +291,8 @@ class Kernel:
         return kernel
 
     def current(self) -> bool:
-        """False once a gate changed in place (an optimiser step) since this kernel was built."""
+        """False once a trainable gate changed in place (an optimiser step) since this kernel
+        was built (frozen gates are not watched: ``versions`` is empty)."""
         return tuple(map(_VERSION, self._gates)) == self._gate_versions
 
     def __call__(self, layer, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:

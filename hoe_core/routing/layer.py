@@ -153,7 +153,7 @@ class HoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = current_routing()
         if routing is None or not self.has_experts:
-            return self._base_call(x)
+            return self.base(x)
         x3 = x[:, None] if x.dim() == 2 else x  # (B, T, in)
         if routing.record_gates:
             routing.record(self.name, self.expert_gates(x3, routing.weights_for(x3.shape[0]).to(x3.device)))
@@ -162,12 +162,25 @@ class HoELinear(nn.Module):
         # inference (no router being trained): the group's per-call kernel, built on first use
         key = (self.group, x3.shape[0])
         kernel = routing.kernels.get(key)
-        # a trainable gate changed in place since the kernel was built (an optimiser step
-        # between two forwards of one routing block): the group's first member (q, gate: HF
-        # calls it first) rebuilds, its siblings then read the new kernel
-        if kernel is None or (self.slot == 0 and kernel.versions and not kernel.current()):
-            kernel = routing.kernels[key] = self.group.kernel(routing, x3)
+        # rebuilt when the gates may have changed since: a trainable forward or
+        # gates_changed() since (the epoch), or a trainable gate updated in place (an
+        # optimiser step between two forwards of one routing block; the group's first member
+        # -- q, gate: HF calls it first -- checks, its siblings then read the new kernel).
+        # Frozen gates edited in place inside one block are seen from the next block on.
+        group = self.group
+        if (
+            kernel is None
+            or kernel.epoch != group.epoch
+            or (self.slot == 0 and kernel.versions and not kernel.current())
+        ):
+            kernel = routing.kernels[key] = group.kernel(routing, x3)
         return kernel(self, x, x3)
+
+    def gates_changed(self) -> None:
+        """Tell this layer's inference kernels, in every routing block, that its gates may
+        have changed (in place, frozen or not): each rebuilds on its next call. Trainable
+        forwards call it; so does code that edits gates directly (``set_router_prior``)."""
+        self.group.epoch += 1
 
     def _base_call(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen linear's output; its ``forward`` directly when nothing hooks it (one
@@ -176,16 +189,18 @@ class HoELinear(nn.Module):
         if (
             base._forward_hooks
             or base._forward_pre_hooks
+            or base._backward_hooks
+            or base._backward_pre_hooks
             or _module._global_forward_hooks
             or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks
         ):
             return base(x)
         return base.forward(x)
 
     def _forward_trainable(self, x: torch.Tensor, x3: torch.Tensor, routing) -> torch.Tensor:
-        # an optimiser step may follow: the next inference call rebuilds the group's kernel,
-        # which then watches the (now trainable) gates for in-place updates
-        routing.kernels.pop((self.group, x3.shape[0]), None)
+        self.gates_changed()  # an optimiser step may follow
         y = self.base(x)
         plan = routing.plan(x3.shape[0], self.n_experts, self.subsets, x3.device)
         act = self._active(plan)

@@ -129,7 +129,8 @@ class HoEModel:
             yield r
 
     def router_parameters(self, router: int) -> list[nn.Parameter]:
-        """The trainable gate parameters of router ``router`` across all layers."""
+        """The gate parameters of router ``router`` across all layers (frozen, as the whole
+        model is, until a trainer sets ``requires_grad_(True)``)."""
         return [p for layer in self.layers.values() for p in layer.gates[router].parameters()]
 
     def set_router_prior(self, router: int, weights: Sequence[float], floor: float = 0.1) -> None:
@@ -148,6 +149,7 @@ class HoEModel:
                 gate = layer.gates[router]
                 gate.weight.zero_()
                 gate.bias.copy_(bias.to(gate.bias))
+                layer.gates_changed()
 
     def export_router(self, router: int) -> RouterExpert:
         """The router's current gates as a RouterExpert (for saving after training)."""
