@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup browser demo test lint format fronts bench fidelity fidelity-here
+.PHONY: setup browser demo test lint format fronts bench fidelity fidelity-here decode-profile ab
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +67,15 @@ fidelity-here: setup
 	  --max-new-tokens 48 --batch-size 16 --precisions fp32,nf4,bf16,int8 --methods hoe --out $(FIDELITY_HERE)
 	$(BIN)/python -m hoe_core.evaluation.fidelity $(foreach p,fp32 nf4 bf16 int8,--front $(p)=$(FIDELITY_HERE)/front-$(p).csv) \
 	  --md $(FIDELITY_HERE).md
+
+# where decode time goes, backbone vs HoE at nf4, sampled by `perf record` (~4 min; needs perf);
+# bench/decode_profile.md was made this way with --out bench/decode_profile.md
+decode-profile: setup
+	PYTHONPATH=. $(BIN)/python bench/decode_profile.py --out bench/decode_profile-this-cpu.md
+
+# the working tree's HoE decode and first token against commit OLD, in one process, arms shuffled
+# (~4 min): `make ab OLD=d523eeb PRECISION=nf4`; bench/ab_commits-nf4.md was made this way
+PRECISION ?= nf4
+ab: setup
+	@test -n "$(OLD)" || { echo "usage: make ab OLD=<commit> [PRECISION=nf4|bf16|int8|fp32]"; exit 2; }
+	PYTHONPATH=. $(BIN)/python bench/ab_commits.py $(OLD) --precision $(PRECISION) --out bench/ab_commits-this-cpu.md

@@ -34,7 +34,11 @@ PREFERENCE = (0.4, 0.3, 0.3)
 
 def export_renamed(commit: str, dest: Path) -> str:
     """``hoe_core`` at ``commit`` as package ``hoe_core_<commit>`` under ``dest``; returns its name."""
-    sha = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True, check=True)
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", f"{commit}^{{commit}}"], capture_output=True, text=True
+    )
+    if sha.returncode:
+        raise SystemExit(f"not a commit of this repository: {commit!r} ({sha.stderr.strip()})")
     name = f"hoe_core_{sha.stdout.strip()}"
     tar = subprocess.run(["git", "archive", commit, "hoe_core"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=BytesIO(tar)) as archive:
