@@ -289,8 +289,8 @@ class Factors:
     member's B^T (R_m, out_m), flattened in turn, in storage format; bias (R + S,) float32:
     zeros, then the gate biases; layout int64: [R + S, in, R, P + 1, M], the gate block
     offsets in S (P + 1; [0] without routers), then per member its offset in the B^T part,
-    its rank columns [lo, hi) of h and out_m (M x 4). ``weight``, ``b_flat``, ``starts``
-    and ``members`` are views of these.
+    its rank columns [lo, hi) of h and out_m (M x 4). ``weight`` and ``members`` are views
+    of these.
     """
 
     flat: np.ndarray
@@ -329,14 +329,6 @@ class Factors:
     def weight(self) -> np.ndarray:  # (R + S, in)
         rows, n_in = self.layout[:2]
         return self.flat[: rows * n_in].reshape(rows, n_in)
-
-    @property
-    def b_flat(self) -> np.ndarray:
-        return self.flat[self.layout[0] * self.layout[1] :]
-
-    @property
-    def starts(self) -> np.ndarray:  # (P + 1,)
-        return self.layout[5 : 5 + self.layout[3]]
 
     @property
     def members(self) -> np.ndarray:  # (M, 4)
@@ -414,19 +406,12 @@ class FusedGroup:
         cannot write (another size, or not :meth:`_addressable`): the caller adds theirs.
         The compiled call reads and writes by address, so nothing reaches it unchecked."""
         bsz, seq, _ = x3.shape
-        rows, dtype, skipped = bsz * seq, self.dtype, []
+        skipped = []
         for m, (y, size) in enumerate(zip(ys, self.out_sizes)):
             ptr = 0
             if y is None or not size:  # no active expert in this member: nothing to add
                 pass
-            elif (  # _addressable(y), inline: once per member and token
-                y.dtype == dtype
-                and y.is_cpu
-                and y.layout == torch.strided
-                and y.is_contiguous()
-                and not y.requires_grad
-                and y.numel() == rows * size
-            ):
+            elif self._addressable(y) and y.numel() == bsz * seq * size:
                 ptr = y.data_ptr()
             else:
                 skipped.append(m)

@@ -303,11 +303,7 @@ class Kernel:
         of all members and their deltas in one compiled call, and keeps the siblings' for
         their own calls with that same tensor (each handed out once).
         """
-        slot = layer.slot
-        try:  # _version(x), inline: once per layer and token
-            version = x._version
-        except RuntimeError:
-            version = None
+        slot, version = layer.slot, _version(x)
         last_x, last_version, outs = self._outs
         if last_x is x and version is not None and last_version == version and outs[slot] is not None:
             y, outs[slot] = outs[slot], None
