@@ -6,6 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from hoe_core.routing import fused_cpu
+from hoe_core.routing import kernel as kernel_mod
 from hoe_core.routing.context import use_routing
 from hoe_core.routing.kernel import group_siblings
 from hoe_core.routing.layer import HoELinear
@@ -183,8 +184,14 @@ def test_prefill_keeps_torch_gemms_and_other_dtypes_stay_on_torch(monkeypatch):
         ([[0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]], False),  # no router: nothing to gate
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_gating_is_one_compiled_call_and_equals_the_torch_path(monkeypatch, weights, gated, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "native"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_prefill_gating_is_one_compiled_call_and_equals_the_torch_path(
+    monkeypatch, weights, gated, dtype, native
+):
+    """Both gate in float32 (bfloat16 GEMMs too, with bfloat16 units: ``native``)."""
+    monkeypatch.setattr(kernel_mod, "native_bfloat16", lambda: native)
     w = torch.tensor(weights)
     x = torch.randn(w.shape[0], 7, 16).to(dtype)  # a prompt of 7 tokens per row
     calls = _spy(monkeypatch)
@@ -204,20 +211,30 @@ def test_prefill_gating_is_one_compiled_call_and_equals_the_torch_path(monkeypat
         assert_close(a, c, atol=tol, rtol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
-def test_bfloat16_on_the_cpu_computes_the_torch_kernels_in_float32():
-    """Exact float32 copies, made once per active set; outputs stay bfloat16 and round once."""
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_the_cpu_computes_the_torch_kernels_in_float32_or_natively(monkeypatch, native):
+    """Without bfloat16 units: exact float32 copies, made once per active set; with them:
+    the factors as stored, gated in float32 and h rounded once. Either way outputs stay
+    bfloat16 and are at least as close to the float32 result as the bfloat16 reference."""
+    monkeypatch.setattr(kernel_mod, "native_bfloat16", lambda: native)
     torch.manual_seed(0)
     w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
     x = torch.randn(1, 7, 16).to(torch.bfloat16)
     layers = _siblings(torch.bfloat16)
+    calls = _spy(monkeypatch)
     with use_routing(w) as routing, torch.no_grad():
         got = [layer(x) for layer in layers]
+    assert calls == ["gate_rows"]  # the routers' gating compiled in both cases
     kernel = next(iter(routing.kernels.values()))
-    assert kernel.weight.dtype == torch.float32 and all(t.dtype == torch.float32 for t in kernel.b_ts)
     (stacked,) = layers[0].group.stacks.values()
-    assert torch.equal(stacked.widened[0], stacked.weight.float())  # widening is exact
+    compute = torch.bfloat16 if native else torch.float32
+    assert kernel.weight.dtype == compute and all(t.dtype == compute for t in kernel.b_ts)
+    if native:
+        assert stacked.widened is None and kernel.b_ts[0] is stacked.b_ts[0]  # no copies
+    else:
+        assert torch.equal(stacked.widened[0], stacked.weight.float())  # widening is exact
     with use_routing(torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4]])) as other, torch.no_grad():
-        layers[0](x)  # another preference, the same active set: the same float32 copies
+        layers[0](x)  # another preference, the same active set: the same factors
     assert next(iter(other.kernels.values())).b_ts[0] is kernel.b_ts[0]
     with use_routing(w):
         want = [layer(x).detach() for layer in layers]  # differentiable path, in bfloat16 throughout

@@ -459,3 +459,46 @@ def test_an_optimiser_step_inside_one_routing_block_reaches_the_inference_kernel
         reference = layer(x).detach()
     assert not torch.allclose(before, after)  # the step moved the gates, and the kernel followed
     assert_close(after, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_edits_between_blocks_drop_the_caches_and_preference_changes_keep_them():
+    """Every routing block checks all of a group's gates (identity, in-place version,
+    requires_grad) once: a frozen gate edited in place or replaced, with no
+    ``gates_changed()``, is used from the next block on; a preference that uses other
+    routers is no gate change, so both active sets stay cached."""
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(7)
+    factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(3)]
+    routers = [([0, 1], torch.randn(2, 8), torch.randn(2)), ([1, 2], torch.randn(2, 8), torch.randn(2))]
+    layer = HoELinear(torch.nn.Linear(8, 6), "x", factors, routers=routers)
+    first, second = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    x = torch.randn(1, 3, 8)
+
+    def run(w):
+        with use_routing(w), torch.no_grad():
+            got = layer(x)
+        with use_routing(w):
+            want = layer(x).detach()  # the differentiable reference reads the gates as they are
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        return got
+
+    run(first)
+    stacked = next(iter(layer.group.stacks.values()))
+    run(second)
+    run(first)
+    assert len(layer.group.stacks) == 2 and next(iter(layer.group.stacks.values())) is stacked
+    before = run(second)
+    with torch.no_grad():
+        layer.gates[1].weight.mul_(-1.0)  # frozen, in place, nobody told
+    after = run(second)
+    assert (after - before).abs().max() > 1e-4
+    cached = run(first)
+    stacked = layer.group.stacks[next(reversed(layer.group.stacks))]  # the one just used
+    new = torch.nn.Parameter(torch.tensor([3.0, -3.0]), requires_grad=False)
+    with torch.no_grad():
+        while new._version < layer.gates[0].bias._version:  # same version count: only its id differs
+            new.add_(0.0)
+    layer.gates[0].bias = new  # replaced
+    assert (run(first) - cached).abs().max() > 1e-4
+    assert all(s is not stacked for s in layer.group.stacks.values())  # rebuilt

@@ -16,7 +16,8 @@ values (the shipped bundles store float16) are held as float16 and widened in th
 (``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Activations are float32
 or bfloat16 (as uint16 bit patterns, widened row by row; the sums run in float32 and y is
 rounded to nearest even once). Larger inputs (prefill) keep torch's GEMMs, which win
-there (bfloat16 models compute them in float32 on the CPU); the routers' gating between
+there (bfloat16 models on a CPU without bfloat16 units compute them in float32, see
+:func:`hoe_core.routing.kernel.native_bfloat16`); the routers' gating between
 them (softmax, maps, product: five small torch ops per group) is one compiled call,
 :func:`gate_rows`, in place. The results equal the torch path up to rounding (the sums are
 reassociated); ``tests/test_fused_cpu.py``. Set ``HOE_FUSED_CPU=0`` to turn the kernel
@@ -384,7 +385,7 @@ class FusedGroup:
 
     def gate(self, z: torch.Tensor) -> bool:
         """Prefill's gating in one compiled call: z (B, T, R + S) float32 (on the CPU the
-        torch kernels compute bfloat16 in float32 too), a fresh GEMM's A x and gate logits,
+        torch kernels gate in float32 whatever their GEMMs' dtype), a fresh GEMM's A x and gate logits,
         becomes (..., :R) = the gated h, in place (:func:`gate_rows`).
         False, z untouched, when there is nothing to gate (no routers) or z is not the
         contiguous float32 CPU tensor of this group's batch and width: torch gates it."""

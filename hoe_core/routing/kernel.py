@@ -19,8 +19,9 @@ delta added in place, see :meth:`_Stacked.compute_factors`).
 On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
 kernels run :mod:`hoe_core.routing.fused_cpu` instead, with the same math: the first
 member called computes every member's base output, then one compiled call adds all their
-deltas; the siblings' outputs wait for their calls. Prefill keeps the torch GEMMs (in
-float32 for bfloat16 models on the CPU), with the routers' gating in between compiled.
+deltas; the siblings' outputs wait for their calls. Prefill keeps the torch GEMMs (for
+bfloat16 models on a CPU without bfloat16 units, in float32), with the routers' gating in
+between compiled (in float32).
 
 Kernels live in the call's :class:`~hoe_core.routing.context.Routing` (per thread, per
 request). Everything but the gating is made once per group and active set (a template
@@ -30,7 +31,9 @@ computes its small (B, R) and (B, S, R) gating maps, by two numpy gathers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import accumulate
 from operator import attrgetter
 
@@ -41,6 +44,17 @@ from hoe_core.routing import fused_cpu
 
 _CACHE_SIZE = 8  # stacked weights kept per group (one per recent active set)
 _VERSION = attrgetter("_version")  # a tensor's in-place update count
+_TRAINS = attrgetter("requires_grad")
+
+
+def _evict(cache: dict, keep: int) -> None:
+    """Drop the oldest entries of ``cache`` (insertion order) until ``keep`` are left; safe
+    against another request thread evicting or clearing it at the same time."""
+    while len(cache) > keep:
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):  # emptied or changed meanwhile
+            return
 
 
 class SiblingGroup:
@@ -48,8 +62,10 @@ class SiblingGroup:
 
     def __init__(self, members: list) -> None:
         self.members = members
-        self.stacks: dict = {}  # (plan key, device, gate state) -> _Stacked
-        self.kernels: dict = {}  # (weights, plan key, device, gate state) -> Kernel, recent preferences
+        self.stacks: dict = {}  # (plan key, device) -> _Stacked, for the gates as in _state
+        self._state: tuple | None = None  # the gates and factors dtype the caches were made for
+        self._params: list = []  # the gate tensors of _state, kept alive
+        self.kernels: dict = {}  # (weights, plan key, device) -> Kernel, recent preferences
         # bumped when the gates may have changed in a way the kernels would not notice (a
         # trainable forward, which an optimiser step may follow; HoELinear.gates_changed):
         # every routing block's kernel of this group built before it is rebuilt on next use
@@ -60,39 +76,43 @@ class SiblingGroup:
     def kernel(self, routing, x: torch.Tensor) -> Kernel:
         """The group's mixture for this call and batch ``x.shape[0]`` (x: (B, T, in)); the
         kernels of the last ``_CACHE_SIZE`` preferences used are kept and reused (a fresh
-        copy: the sibling state is per call)."""
+        copy: the sibling state is per call). Called once per group and routing block, so
+        for every request: the checks below are C-level passes over flat tuples."""
         lead = self.members[0]
         plan = routing.plan(x.shape[0], lead.n_experts, lead.subsets, x.device)
-        routers = tuple(p for p, _ in plan.routers)
-        # the gates' identities, in-place update counts and whether they train, and the
-        # factors' dtype: a gate replaced, updated or unfrozen, or the model cast, is a new
-        # key (the cached entries keep their tensors alive, so an id is never reused while it
-        # is a key)
+        # every gate's identity, in-place update count and whether it trains, and the
+        # factors' dtype: a gate replaced, updated or unfrozen, or the model cast, drops every
+        # cached stack and kernel (they were made from the old weights)
+        params = self._gate_params()
         state = (
-            lead.lora_A.dtype,
-            *((id(t), t._version, t.requires_grad) for t in self._gate_params(routers)),
+            lead._buffers["lora_A"].dtype,
+            tuple(map(id, params)),
+            tuple(map(_VERSION, params)),
+            tuple(map(_TRAINS, params)),
         )
-        stacked = self._stacked(plan, routers, state)
-        key = (plan.weights_key, plan.key, plan.device, state)
+        if state != self._state:
+            self.stacks.clear()
+            self.kernels.clear()
+            self._state, self._params = state, params  # the tensors held: their ids stay unique
+        stacked = self._stacked(plan)
+        key = (plan.weights_key, plan.key, plan.device)
         kernel = self.kernels.pop(key, None)  # re-inserted last: the least recently used goes first
         if kernel is None:
             kernel = self._build(plan, stacked)
-            while len(self.kernels) >= _CACHE_SIZE:
-                self.kernels.pop(next(iter(self.kernels)), None)
+            _evict(self.kernels, _CACHE_SIZE - 1)
         self.kernels[key] = kernel
         fresh = kernel.fresh()
-        fresh.epoch = self.epoch  # the key above checked the gates as they are now
+        fresh.epoch = self.epoch  # the state above checked the gates as they are now
         return fresh
 
-    def _gate_params(self, routers: tuple[int, ...]) -> list[torch.Tensor]:
-        """Every member's gate weight and bias of ``routers``, looked up afresh on every call
-        (through the modules' own dicts: ``ModuleList`` indexing and ``Module.__getattr__``
-        cost about as much as building the rest of the kernel)."""
+    def _gate_params(self) -> list[torch.Tensor]:
+        """Every member's gate weights and biases, looked up afresh on every call (through
+        the modules' own dicts: ``ModuleList`` indexing and ``Module.__getattr__`` cost
+        about as much as building the rest of the kernel)."""
         out = []
         for m in self.members:
-            gates = m.gates._modules
-            for p in routers:
-                params = gates[str(p)]._parameters
+            for gate in m._modules["gates"]._modules.values():
+                params = gate._parameters
                 out += (params["weight"], params["bias"])
         return out
 
@@ -109,32 +129,30 @@ class SiblingGroup:
         g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
         maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
         dtype, device = kernel.weight.dtype, kernel.weight.device
-        on_numpy = device.type == "cpu" and dtype == torch.float32  # bfloat16 computes in float32 here
-        if not on_numpy:
+        if device.type != "cpu":  # the CPU gates in float32 (Kernel._hidden_torch)
             g_fixed = g_fixed.to(device, dtype)
             maps = None if maps is None else maps.to(device, dtype)
         kernel.g_fixed, kernel.maps = g_fixed, maps
         w = stacked.weight  # as stored: the compiled kernel reads float32 or bfloat16
-        if on_numpy and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
+        if device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             if stacked.factors is None:  # once per active set: the factors in storage format
                 stacked.factors = fused_cpu.Factors.pack(
                     w, stacked.b_ts, stacked.spans, stacked.bias, [n for _, n in stacked.segments]
                 )
             kernel.fused = fused_cpu.FusedGroup(stacked.factors, w.dtype, g_np, maps_np)
         elif maps is None and g_fixed.shape[0] == 1:  # static, one row: fold into A
-            kernel.weight, kernel.g_fixed = kernel.weight * g_fixed[0, 0, :, None], None
+            kernel.weight, kernel.g_fixed = (kernel.weight * g_fixed[0, 0, :, None]).to(dtype), None
         return kernel
 
-    def _stacked(self, plan, routers: tuple[int, ...], state: tuple) -> _Stacked:
-        """[A_active ...; W_rho ...] for the plan's active experts and routers, cached until a
-        gate's weights change (``state``: the factors' dtype, then per gate tensor of the
-        routers its id, ``_version`` (which counts in-place updates) and ``requires_grad``)."""
-        key = (plan.key, plan.device, state)
+    def _stacked(self, plan) -> _Stacked:
+        """[A_active ...; W_rho ...] for the plan's active experts and routers, cached per
+        active set (a few recent ones: users at different preferences) until the gates
+        change (:meth:`kernel` clears the cache then)."""
+        key = (plan.key, plan.device)
         stacked = self.stacks.get(key)
         if stacked is None:
-            stacked = self.stacks[key] = self._stack(plan, list(routers))
-            while len(self.stacks) > _CACHE_SIZE:  # a few recent plans (users at different preferences)
-                self.stacks.pop(next(iter(self.stacks)), None)
+            stacked = self.stacks[key] = self._stack(plan, [p for p, _ in plan.routers])
+            _evict(self.stacks, _CACHE_SIZE)
         return stacked
 
     def _stack(self, plan, routers: list[int]) -> _Stacked:
@@ -233,11 +251,13 @@ class _Stacked:
 
     def compute_factors(self) -> tuple:
         """(weight, bias, b_ts) in the dtype the torch kernels compute in: as stored,
-        except bfloat16 on the CPU, which computes in float32 (exact copies, kept once per
-        active set). CPUs without bfloat16 units run float32 GEMMs about 3x faster (the
-        backbone's prefill: 0.19 s at fp32, 0.56 s at bf16), with fewer roundings; y stays
-        bfloat16."""
-        if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
+        except bfloat16 on a CPU without bfloat16 units (:func:`native_bfloat16`), which
+        computes in float32 (exact copies, kept once per active set). Such CPUs run float32
+        GEMMs about 3x faster (the backbone's prefill: 0.19 s at fp32, 0.56 s at bf16), with
+        fewer roundings; y stays bfloat16. CPUs with them run bfloat16 GEMMs 1.5-2.5x faster
+        than float32 ones: there bfloat16 GEMMs, gated in float32, bring the first token 8 ms
+        sooner (``bench/ab_prefill-bf16*.md``)."""
+        if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" or native_bfloat16():
             return self.weight, self.bias, self.b_ts
         if self.widened is None:
             wide = lambda t: None if t is None else t.float()  # noqa: E731
@@ -342,24 +362,31 @@ class Kernel:
         return h
 
     def _hidden_torch(self, x3: torch.Tensor) -> torch.Tensor:
-        """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes);
-        on the CPU the routers' gating after the GEMM is one compiled call (float32, which
-        is what the CPU kernels compute in; see :meth:`_Stacked.compute_factors`)."""
-        xa = x3 if x3.dtype == self.weight.dtype else x3.to(self.weight.dtype)
+        """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes).
+        On the CPU the gating after the GEMM runs in float32 (the routers' in one compiled
+        call), and h is rounded once to the factors' dtype when they are not float32
+        (bfloat16 computing natively; see :meth:`_Stacked.compute_factors`)."""
+        dtype = self.weight.dtype
+        xa = x3 if x3.dtype == dtype else x3.to(dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
+        narrow = dtype != torch.float32 and h.is_cpu  # gated in float32, then rounded once
+        if narrow:
+            h = h.float()
         if self.fused is not None and self.fused.gate(h):  # gated in place, one compiled call
-            return h.view(-1, h.shape[-1])[:, : self.n_rank]  # (B*T, R), rows R + S apart
-        if self.maps is not None:
-            h, z = h.split(self.split, -1)  # (B, T, R), (B, T, S) gate logits
-            if self.block:  # gate blocks of one size: one softmax over a view
-                bsz, seq = z.shape[0], z.shape[1]
-                probs = torch.softmax(z.view(bsz, seq, *self.block), -1).view(bsz, seq, -1)
-            else:
-                probs = torch.cat([torch.softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
-            h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
-        elif self.g_fixed is not None:
-            h = h * self.g_fixed
-        return h.view(-1, h.shape[-1])  # (B*T, R): every torch path above leaves h contiguous
+            h = h.view(-1, h.shape[-1])[:, : self.n_rank]  # (B*T, R), rows R + S apart
+        else:
+            if self.maps is not None:
+                h, z = h.split(self.split, -1)  # (B, T, R), (B, T, S) gate logits
+                if self.block:  # gate blocks of one size: one softmax over a view
+                    bsz, seq = z.shape[0], z.shape[1]
+                    probs = torch.softmax(z.view(bsz, seq, *self.block), -1).view(bsz, seq, -1)
+                else:
+                    probs = torch.cat([torch.softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
+                h = h * torch.baddbmm(self.g_fixed, probs, self.maps)  # (B, T, R)
+            elif self.g_fixed is not None:
+                h = h * self.g_fixed
+            h = h.view(-1, h.shape[-1])  # (B*T, R): every torch path above leaves h contiguous
+        return h.to(dtype) if narrow else h
 
     def add_delta(self, slot: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + h[:, span] B^T for member ``slot``; h (B*T, R) from :meth:`hidden`, y (..., out)
@@ -379,6 +406,19 @@ class Kernel:
             return torch.addmm(y.reshape(-1, y.shape[-1]), h, b_t).view(y.shape)
         y.view(-1, y.shape[-1]).addmm_(h, b_t)  # no copy of y: the base just made it
         return y
+
+
+@cache
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX), so bfloat16
+    GEMMs outrun float32 ones: then bfloat16 models compute their prefill mixtures in
+    bfloat16 (:meth:`_Stacked.compute_factors`). Set ``HOE_NATIVE_BF16=0`` or ``1`` to
+    decide instead (read once)."""
+    forced = os.environ.get("HOE_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up softly
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _version(x: torch.Tensor) -> int | None:
