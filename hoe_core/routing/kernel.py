@@ -254,7 +254,7 @@ class _Stacked:
         except bfloat16 on a CPU without bfloat16 units (:func:`native_bfloat16`), which
         computes in float32 (exact copies, kept once per active set). Such CPUs run float32
         GEMMs about 3x faster (the backbone's prefill: 0.19 s at fp32, 0.56 s at bf16), with
-        fewer roundings; y stays bfloat16. CPUs with them run bfloat16 GEMMs 1.5-2.5x faster
+        fewer roundings; y stays bfloat16. CPUs with them run bfloat16 GEMMs 1.4-2.1x faster
         than float32 ones: there bfloat16 GEMMs, gated in float32, bring the first token 8 ms
         sooner (``bench/ab_prefill-bf16*.md``)."""
         if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" or native_bfloat16():
