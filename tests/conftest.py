@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -48,3 +49,19 @@ def three_experts(pico_model):
 def pico_bundle(tmp_path_factory):
     """A complete pico bundle (3 objectives, 3 experts, 1 router) in a session tmp dir."""
     return build_pico_bundle(tmp_path_factory.mktemp("bundles") / "pico")
+
+
+@contextmanager
+def trainable_gates(layers):
+    """The differentiable reference path for ``layers`` (HoE layers) inside the block: a
+    layer takes it when grad is on and a gate needs grad, and served gates are frozen, so a
+    plain ``layer(x)`` with grad on would run the inference kernel again."""
+    gates = [t for layer in layers for t in layer.gates.parameters()]
+    before = [t.requires_grad for t in gates]
+    for t in gates:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t, flag in zip(gates, before):
+            t.requires_grad_(flag)

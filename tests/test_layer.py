@@ -14,6 +14,7 @@ from hoe_core.experts.adapters import save_lora_adapter
 from hoe_core.pico import random_experts, random_router
 from hoe_core.routing.layer import HoELinear
 from hoe_core.routing.model import HoEModel
+from tests.conftest import trainable_gates
 
 PREFS = [[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.4, 0.6]]
 
@@ -244,7 +245,7 @@ def test_inference_kernels_equal_the_reference_path(weights, path, monkeypatch):
     w = torch.tensor(weights)
     for seq in (1, 5):  # decode and prefill shapes, and a 2-D input
         x = torch.randn(w.shape[0], seq, 16, dtype=dtype)
-        with use_routing(w):
+        with trainable_gates([layer]), use_routing(w):
             want = layer(x)  # grad enabled, gates trainable: the reference path
             with torch.no_grad():
                 got = layer(x)
@@ -385,7 +386,7 @@ def test_grouped_model_kernels_equal_the_reference_path(pico_model, three_expert
     differentiable path (grad on, gates trainable) -- logits and greedy tokens."""
     hoe = _hoe(pico_model, three_experts)
     ids = _ids(batch=len(prefs), seed=11)
-    with hoe.routing(prefs):
+    with trainable_gates(hoe.layers.values()), hoe.routing(prefs):
         want = hoe.model(ids).logits  # reference path
         assert want.requires_grad
         with torch.no_grad():
@@ -395,7 +396,7 @@ def test_grouped_model_kernels_equal_the_reference_path(pico_model, three_expert
     with torch.no_grad(), hoe.routing(prefs):
         fast = hoe.model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=256)
     seq = ids
-    with hoe.routing(prefs):  # greedy without cache, every step on the reference path
+    with trainable_gates(hoe.layers.values()), hoe.routing(prefs):  # greedy, no cache, reference path
         for _ in range(steps):
             seq = torch.cat([seq, hoe.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(fast, seq)
@@ -463,9 +464,9 @@ def test_an_optimiser_step_inside_one_routing_block_reaches_the_inference_kernel
 
 def test_gate_edits_between_blocks_drop_the_caches_and_preference_changes_keep_them():
     """Every routing block checks all of a group's gates (identity, in-place version,
-    requires_grad) once: a frozen gate edited in place or replaced, with no
-    ``gates_changed()``, is used from the next block on; a preference that uses other
-    routers is no gate change, so both active sets stay cached."""
+    requires_grad) and the factors' dtype once: a frozen gate edited in place or replaced,
+    with no ``gates_changed()``, or a cast, is used from the next block on; a preference that
+    uses other routers is no gate change, so both active sets stay cached."""
     from hoe_core.routing.context import use_routing
 
     torch.manual_seed(7)
@@ -475,11 +476,11 @@ def test_gate_edits_between_blocks_drop_the_caches_and_preference_changes_keep_t
     first, second = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
     x = torch.randn(1, 3, 8)
 
-    def run(w):
+    def run(w, x=x):
         with use_routing(w), torch.no_grad():
             got = layer(x)
-        with use_routing(w):
-            want = layer(x).detach()  # the differentiable reference reads the gates as they are
+            g = layer.expert_gates(x, w)  # (B, T, E) from the gates as they are, torch ops
+            want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
         assert_close(got, want, atol=1e-5, rtol=1e-5)
         return got
 
@@ -502,3 +503,60 @@ def test_gate_edits_between_blocks_drop_the_caches_and_preference_changes_keep_t
     layer.gates[0].bias = new  # replaced
     assert (run(first) - cached).abs().max() > 1e-4
     assert all(s is not stacked for s in layer.group.stacks.values())  # rebuilt
+    layer.double()  # a cast: the gates keep their ids and version counts, the factors' dtype moves
+    run(first, x.double())
+    assert {s.weight.dtype for s in layer.group.stacks.values()} == {torch.float64}
+
+
+def test_a_kernel_built_for_old_gates_is_not_cached_after_another_request_saw_new_ones(monkeypatch):
+    """Request threads share a group: one still building its kernel from the old gates when
+    another has seen them change (and cleared the caches) must not leave its kernel cached."""
+    from hoe_core.routing.context import use_routing
+    from hoe_core.routing.kernel import SiblingGroup
+
+    torch.manual_seed(8)
+    factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(2)]
+    layer = HoELinear(
+        torch.nn.Linear(8, 6), "x", factors, routers=[([0, 1], torch.randn(2, 8), torch.randn(2))]
+    )
+    w, x = torch.tensor([[0.2, 0.0, 0.8]]), torch.randn(1, 2, 8)
+    real, interleaved = SiblingGroup._build, []
+
+    def slow_build(self, plan, stacked):
+        kernel = real(self, plan, stacked)
+        if not interleaved:  # meanwhile the gates change and another request runs
+            interleaved.append(True)
+            with torch.no_grad():
+                layer.gates[0].weight.mul_(-1.0)
+            with use_routing(w), torch.no_grad():
+                layer(x)
+        return kernel
+
+    monkeypatch.setattr(SiblingGroup, "_build", slow_build)
+    with use_routing(w), torch.no_grad():
+        layer(x)  # the slow request: the old gates
+    with use_routing(w), torch.no_grad():
+        got = layer(x)  # a later request
+        g = layer.expert_gates(x, w)
+        want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+    assert interleaved
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_built_under_inference_mode_serves_every_preference():
+    """Gates made under ``torch.inference_mode`` keep no version count; the per-request gate
+    check does without it instead of raising."""
+    from hoe_core.routing.context import use_routing
+
+    torch.manual_seed(9)
+    with torch.inference_mode():
+        factors = [(torch.randn(6, 2), torch.randn(2, 8)) for _ in range(2)]
+        layer = HoELinear(torch.nn.Linear(8, 6), "x", factors, routers=[([0, 1], torch.randn(2, 8), None)])
+    x = torch.randn(1, 3, 8)
+    for weights in ([[1.0, 0.0, 0.0]], [[0.2, 0.0, 0.8]]):  # an expert alone, then the router
+        w = torch.tensor(weights)
+        with use_routing(w), torch.inference_mode():
+            got = layer(x)
+            g = layer.expert_gates(x, w)
+            want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+        assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -436,5 +436,5 @@ def warm_up(dtype: torch.dtype) -> None:
         f = Factors.pack(full((3, 2), fill), [full((2, 2), fill)], [(0, 2)], full((3,), 0.0), [1])
         group = FusedGroup(f, dtype, g_fixed, maps)
         group_step(io, x.data_ptr(), 1, 1, *group.args, addrs)
-    z = torch.zeros(1, 3)  # prefill's gating: float32 for both (bfloat16 computes in float32)
+    z = torch.zeros(1, 3)  # prefill's gating: float32 for both (the CPU gates in float32)
     gate_rows(z.data_ptr(), 1, 3, 1, group.floats, f.layout)

@@ -13,8 +13,8 @@ The first member called computes the group's gated h and keeps it with the input
 from; the others reuse it while they are called with that same tensor (HF calls q, k and v
 on one ``hidden_states``). Without live routers and with one batch row, off the compiled
 CPU path, the weights fold into A: per group one matmul, then one addmm per member. The delta is accumulated into
-the base's fresh output in place (no copy of y; a bfloat16 y on the CPU gets its float32
-delta added in place, see :meth:`_Stacked.compute_factors`).
+the base's fresh output in place (no copy of y; a bfloat16 y on a CPU without bfloat16 units
+gets its float32 delta added in place, see :meth:`_Stacked.compute_factors`).
 
 On the CPU, decode steps (at most ``fused_cpu.MAX_ROWS`` rows) of float32 and bfloat16
 kernels run :mod:`hoe_core.routing.fused_cpu` instead, with the same math: the first
@@ -32,6 +32,7 @@ computes its small (B, R) and (B, S, R) gating maps, by two numpy gathers.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import accumulate
@@ -45,16 +46,15 @@ from hoe_core.routing import fused_cpu
 _CACHE_SIZE = 8  # stacked weights kept per group (one per recent active set)
 _VERSION = attrgetter("_version")  # a tensor's in-place update count
 _TRAINS = attrgetter("requires_grad")
+#: kernel dtypes whose torch gating runs in float32 on the CPU (16-bit ones widened for it)
+_GATED_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _evict(cache: dict, keep: int) -> None:
-    """Drop the oldest entries of ``cache`` (insertion order) until ``keep`` are left; safe
-    against another request thread evicting or clearing it at the same time."""
+    """Drop the oldest entries of ``cache`` (insertion order) until ``keep`` are left (the
+    caller holds its group's lock)."""
     while len(cache) > keep:
-        try:
-            cache.pop(next(iter(cache)), None)
-        except (StopIteration, RuntimeError):  # emptied or changed meanwhile
-            return
+        cache.pop(next(iter(cache)))
 
 
 class SiblingGroup:
@@ -70,8 +70,20 @@ class SiblingGroup:
         # trainable forward, which an optimiser step may follow; HoELinear.gates_changed):
         # every routing block's kernel of this group built before it is rebuilt on next use
         self.epoch = 0
+        # request threads share the group: a cache is cleared and filled under this lock, and
+        # only with what was made for the gates as they are (_state)
+        self._lock = threading.Lock()
         for slot, m in enumerate(members):
             m.group, m.slot = self, slot
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` of a model (Rewarded Soups copies one): the members, without
+        the caches (made from the original's tensors) or the lock."""
+        return {**self.__dict__, "stacks": {}, "kernels": {}, "_state": None, "_params": [], "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def kernel(self, routing, x: torch.Tensor) -> Kernel:
         """The group's mixture for this call and batch ``x.shape[0]`` (x: (B, T, in)); the
@@ -84,23 +96,23 @@ class SiblingGroup:
         # factors' dtype: a gate replaced, updated or unfrozen, or the model cast, drops every
         # cached stack and kernel (they were made from the old weights)
         params = self._gate_params()
-        state = (
-            lead._buffers["lora_A"].dtype,
-            tuple(map(id, params)),
-            tuple(map(_VERSION, params)),
-            tuple(map(_TRAINS, params)),
-        )
+        try:
+            versions = tuple(map(_VERSION, params))
+        except RuntimeError:  # gates made under torch.inference_mode keep no version count
+            versions = tuple(map(_version, params))
+        state = (lead._buffers["lora_A"].dtype, tuple(map(id, params)), versions, tuple(map(_TRAINS, params)))
         if state != self._state:
-            self.stacks.clear()
-            self.kernels.clear()
-            self._state, self._params = state, params  # the tensors held: their ids stay unique
-        stacked = self._stacked(plan)
+            with self._lock:
+                self.stacks.clear()
+                self.kernels.clear()
+                self._state, self._params = state, params  # the tensors held: their ids stay unique
+        state = self._state  # what this call's cache entries are made for (compared by identity)
+        stacked = self._stacked(plan, state)
         key = (plan.weights_key, plan.key, plan.device)
         kernel = self.kernels.pop(key, None)  # re-inserted last: the least recently used goes first
         if kernel is None:
             kernel = self._build(plan, stacked)
-            _evict(self.kernels, _CACHE_SIZE - 1)
-        self.kernels[key] = kernel
+        self._keep(self.kernels, key, kernel, state)
         fresh = kernel.fresh()
         fresh.epoch = self.epoch  # the state above checked the gates as they are now
         return fresh
@@ -129,7 +141,7 @@ class SiblingGroup:
         g_fixed = torch.from_numpy(g_np)[:, None]  # (B, 1, R)
         maps = None if maps_np is None else torch.from_numpy(maps_np)  # (B, S, R)
         dtype, device = kernel.weight.dtype, kernel.weight.device
-        if device.type != "cpu":  # the CPU gates in float32 (Kernel._hidden_torch)
+        if device.type != "cpu" or dtype not in _GATED_IN_FLOAT32:  # the torch gating's dtype
             g_fixed = g_fixed.to(device, dtype)
             maps = None if maps is None else maps.to(device, dtype)
         kernel.g_fixed, kernel.maps = g_fixed, maps
@@ -144,16 +156,25 @@ class SiblingGroup:
             kernel.weight, kernel.g_fixed = (kernel.weight * g_fixed[0, 0, :, None]).to(dtype), None
         return kernel
 
-    def _stacked(self, plan) -> _Stacked:
+    def _stacked(self, plan, state: tuple) -> _Stacked:
         """[A_active ...; W_rho ...] for the plan's active experts and routers, cached per
         active set (a few recent ones: users at different preferences) until the gates
         change (:meth:`kernel` clears the cache then)."""
         key = (plan.key, plan.device)
         stacked = self.stacks.get(key)
         if stacked is None:
-            stacked = self.stacks[key] = self._stack(plan, [p for p, _ in plan.routers])
-            _evict(self.stacks, _CACHE_SIZE)
+            stacked = self._stack(plan, [p for p, _ in plan.routers])
+            self._keep(self.stacks, key, stacked, state)
         return stacked
+
+    def _keep(self, cache: dict, key, value, state: tuple) -> None:
+        """``cache[key] = value`` (the oldest entries evicted to ``_CACHE_SIZE``), unless the
+        gates changed since ``value`` was made for ``state``: another request thread cleared
+        the caches meanwhile, and a late insert would outlive the change."""
+        with self._lock:
+            if self._state is state:
+                cache[key] = value
+                _evict(cache, _CACHE_SIZE)
 
     def _stack(self, plan, routers: list[int]) -> _Stacked:
         acts = [m._active(plan) for m in self.members]
@@ -364,12 +385,13 @@ class Kernel:
     def _hidden_torch(self, x3: torch.Tensor) -> torch.Tensor:
         """h (B*T, R) for x3 (B, T, in) with torch ops (prefill, other devices and dtypes).
         On the CPU the gating after the GEMM runs in float32 (the routers' in one compiled
-        call), and h is rounded once to the factors' dtype when they are not float32
-        (bfloat16 computing natively; see :meth:`_Stacked.compute_factors`)."""
+        call); with 16-bit factors (bfloat16 computing natively, see
+        :meth:`_Stacked.compute_factors`) the GEMM's output is widened for it and the gated
+        h rounded back to their dtype."""
         dtype = self.weight.dtype
         xa = x3 if x3.dtype == dtype else x3.to(dtype)
         h = torch.nn.functional.linear(xa, self.weight, self.bias)  # (B, T, R [+ S])
-        narrow = dtype != torch.float32 and h.is_cpu  # gated in float32, then rounded once
+        narrow = h.is_cpu and dtype in _GATED_IN_FLOAT32 and dtype != torch.float32
         if narrow:
             h = h.float()
         if self.fused is not None and self.fused.gate(h):  # gated in place, one compiled call
