@@ -28,6 +28,13 @@ def _ids(seq=7, batch=1, seed=0):
     return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _mixture(layer, x, w):
+    """The layer's output by the formula, with torch ops on the gates as they are (no kernel):
+    base(x) + ((A x) * g[owner]) B^T, g (B, T, E) from ``expert_gates``."""
+    g = layer.expert_gates(x, w)
+    return layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+
+
 @pytest.mark.parametrize("vertex", [0, 1, 2])
 def test_vertex_equals_backbone_plus_that_expert_in_plain_peft(
     pico_model, pico_dir, three_experts, tmp_path, vertex
@@ -479,8 +486,7 @@ def test_gate_edits_between_blocks_drop_the_caches_and_preference_changes_keep_t
     def run(w, x=x):
         with use_routing(w), torch.no_grad():
             got = layer(x)
-            g = layer.expert_gates(x, w)  # (B, T, E) from the gates as they are, torch ops
-            want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+            want = _mixture(layer, x, w)
         assert_close(got, want, atol=1e-5, rtol=1e-5)
         return got
 
@@ -537,8 +543,7 @@ def test_a_kernel_built_for_old_gates_is_not_cached_after_another_request_saw_ne
         layer(x)  # the slow request: the old gates
     with use_routing(w), torch.no_grad():
         got = layer(x)  # a later request
-        g = layer.expert_gates(x, w)
-        want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+        want = _mixture(layer, x, w)
     assert interleaved
     assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -557,6 +562,5 @@ def test_a_layer_built_under_inference_mode_serves_every_preference():
         w = torch.tensor(weights)
         with use_routing(w), torch.inference_mode():
             got = layer(x)
-            g = layer.expert_gates(x, w)
-            want = layer.base(x) + ((x @ layer.lora_A.T) * g[..., layer.owner]) @ layer.lora_B.T
+            want = _mixture(layer, x, w)
         assert_close(got, want, atol=1e-5, rtol=1e-5)
