@@ -68,6 +68,7 @@ class BenchConfig:
     pair_repeats: int = 15  # rounds of backbone vs HoE, timed interleaved (their ratios are targets)
     device: str = "cpu"
     bandwidth_mib: int = 256  # copy benchmark buffer
+    isolate: bool = True  # each precision in a fresh process, as the app runs one precision
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -270,6 +271,7 @@ class PrecisionResult:
     methods: dict[str, MethodResult] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    pid: int = field(default_factory=os.getpid)  # the process that measured it
 
 
 def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=print) -> PrecisionResult:
@@ -596,23 +598,66 @@ def machine_info() -> dict:
     return info
 
 
-def run_bench(cfg: BenchConfig, log=print) -> dict:
-    """All precisions; returns the results dict (see :func:`markdown_report`)."""
+def _bench_precision_or_error(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log) -> PrecisionResult:
+    """:func:`bench_precision`, with a precision this machine cannot run (no int8 kernel,
+    say) reported as an error rather than ending the run."""
+    try:
+        return bench_precision(cfg, precision, bandwidth_gbs, log)
+    except (ImportError, RuntimeError, NotImplementedError) as err:
+        log(f"  {precision}: not run ({type(err).__name__}: {err})")
+        return PrecisionResult(precision, error=f"{type(err).__name__}: {err}")
+
+
+def _in_fresh_process(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log) -> PrecisionResult:
+    """One precision in a new (spawned) Python process, so nothing an earlier precision's
+    methods left behind -- allocator state after merge-at-lambda's dense deltas, RS's
+    backbone copy, compiled kernels -- is measured with it. The app runs one precision per
+    process; so does this."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_bench_precision_or_error, cfg, precision, bandwidth_gbs, log).result()
+        except BrokenProcessPool as err:  # killed (out of memory?) or crashed in native code
+            log(f"  {precision}: the process measuring it died ({err})")
+            return PrecisionResult(precision, error=f"the process measuring it died: {err}")
+
+
+def progress(*args) -> None:
+    """The default ``log``: print, flushed at once (child processes write to a pipe or a file)."""
+    print(*args, flush=True)
+
+
+def run_bench(cfg: BenchConfig, log=progress) -> dict:
+    """All precisions, each in a fresh process unless ``cfg.isolate`` is off; returns the
+    results dict (see :func:`markdown_report`).
+
+    ``log`` receives progress lines; with ``isolate`` it is sent to the child processes, so
+    it must pickle (``print``, a module-level function, a ``functools.partial`` of one)."""
+    import pickle
+
     from hoe_core.bundle import provenance
 
+    if cfg.isolate:
+        try:
+            pickle.dumps(log)
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise ValueError(
+                "with isolate=True each precision runs in a child process, so log must pickle "
+                f"(print, a module-level function or a partial of one); got {log!r}: {err}"
+            ) from None
     prov = provenance()  # the code measured: taken before the run, whatever is checked out after
     start = time.perf_counter()
     bandwidth = memory_bandwidth(cfg.bandwidth_mib)
     log(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
+    run_one = _in_fresh_process if cfg.isolate else _bench_precision_or_error
     results = []
     for precision in cfg.precisions:
-        log(f"precision {precision}")
-        try:
-            results.append(bench_precision(cfg, precision, bandwidth, log))
-            gc.collect()
-        except (ImportError, RuntimeError, NotImplementedError) as err:  # e.g. no int8 kernel here
-            log(f"  {precision}: not run ({type(err).__name__}: {err})")
-            results.append(PrecisionResult(precision, error=f"{type(err).__name__}: {err}"))
+        log(f"precision {precision}" + (" (fresh process)" if cfg.isolate else ""))
+        results.append(run_one(cfg, precision, bandwidth, log))
+        gc.collect()
     return {
         "config": asdict(cfg),
         "machine": machine_info(),
@@ -623,6 +668,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             {
                 "precision": r.precision,
                 "error": r.error,
+                "pid": r.pid,
                 "params": r.params,
                 "methods": {k: asdict(v) for k, v in r.methods.items()},
             }
@@ -733,7 +779,12 @@ def markdown_report(results: dict, command: str) -> str:
         f"{results['config']['batch']}, preference {list(results['config']['preference'])} "
         f"(switch to {list(results['config']['switch_to'])}); medians of {results['config']['repeats']} runs after "
         f"a warm-up (backbone and HoE: {results['config'].get('pair_repeats', results['config']['repeats'])} "
-        "rounds, interleaved run by run); ratios are within this one run.",
+        "rounds, interleaved run by run); ratios are within this one run"
+        + (
+            ", and within one precision: each precision ran in a fresh process."
+            if results["config"].get("isolate")
+            else "; all precisions ran in one process, one after another."
+        ),
         "",
     ]
     for p in results["precisions"]:

@@ -186,6 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         pair_repeats=args.pair_repeats,
         device=args.device,
+        isolate=not args.same_process,
     )
     results = run_bench(cfg)
     command = " ".join(["python -m hoe_core", *sys.argv[1:]]) if args.command is None else args.command
@@ -312,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair-repeats", type=int, default=15, help="interleaved backbone/HoE rounds (single stream, switch)"
     )
     k.add_argument("--device", default="cpu")
+    k.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every precision in this one process (default: each in a fresh one, so no "
+        "precision measures what the previous one's baselines left behind)",
+    )
     k.add_argument("--command", default=None, help=argparse.SUPPRESS)
     k.set_defaults(func=cmd_bench)
 

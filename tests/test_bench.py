@@ -30,6 +30,7 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
         batch=2,
         repeats=1,
         pair_repeats=1,
+        isolate=False,
     )
     results = run_bench(cfg, log=lambda *_: None)
     (fp32,) = results["precisions"]
@@ -202,6 +203,7 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
         batch=2,
         repeats=2,
         pair_repeats=3,
+        isolate=False,  # the spy sees this process only
     )
     run_bench(cfg, log=lambda *_: None)
     models = list(dict.fromkeys(m for m, _, _ in calls))
@@ -213,6 +215,42 @@ def test_backbone_and_hoe_are_timed_interleaved(pico_bundle, monkeypatch):
     assert switch == [0, 0, 1, 1] * 6
     batched = [models.index(m) for m, rows, _ in calls if rows == 2]
     assert batched == [0] * 3 + [1] * 3  # warm-up + 2 repeats each, one method after the other
+
+
+def test_each_precision_is_measured_in_a_fresh_process(pico_bundle, capfd):
+    """By default no precision is measured beside what an earlier one's methods left in the
+    process (the full bench's later precisions had read slower than when run alone)."""
+    import os
+
+    cfg = BenchConfig(
+        bundle=str(pico_bundle),
+        precisions=("fp32", "bf16"),
+        methods=("hoe",),
+        new_tokens=2,
+        batch=1,
+        repeats=1,
+        pair_repeats=1,
+    )
+    results = run_bench(cfg)
+    pids = [p["pid"] for p in results["precisions"]]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    for p in results["precisions"]:
+        assert p["error"] is None and list(p["methods"]) == ["backbone", "hoe"]
+        assert p["methods"]["hoe"]["single_tok_s"] > 0
+    assert [t["precision"] for t in results["targets"]] == ["fp32"] * 3 + ["bf16"] * 3  # no MOD: 3 each
+    out = capfd.readouterr().out
+    assert "precision bf16 (fresh process)" in out
+    assert "  bf16  hoe " in out  # the child's own progress lines reach the terminal
+    assert "each precision ran in a fresh process" in markdown_report(results, "bench")
+
+
+def test_isolated_bench_reports_bad_input_from_the_child(tmp_path):
+    from hoe_core.bundle import BundleError
+
+    with pytest.raises(BundleError, match="missing does not exist"):  # raised in the child, seen here
+        run_bench(BenchConfig(bundle=str(tmp_path / "missing"), precisions=("fp32",)))
+    with pytest.raises(ValueError, match="log must pickle"):
+        run_bench(BenchConfig(precisions=("fp32",)), log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
