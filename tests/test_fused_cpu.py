@@ -35,7 +35,7 @@ def test_hidden_rows_is_the_mixture_formula(batch, seq, sizes):
     maps = rng.random((batch, s, n_rank)).astype(np.float32)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     h = np.empty((batch * seq, n_rank), np.float32)
-    fused_cpu.hidden_rows(x, w, np.ones(n_rank + s, np.float32), b, n_rank, starts, g_fixed, maps, seq, h)
+    fused_cpu.hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
     out = x.astype(np.float64) @ w.T + b  # (n, R + S)
     for i in range(batch * seq):
         row = i // seq
@@ -49,7 +49,7 @@ def _static_hidden(x, w, g, seq, h):
     """hidden_rows without routers: h = (A x) * g[row]."""
     zeros, starts = np.zeros(w.shape[0], np.float32), np.zeros(1, np.int64)
     maps = np.zeros((g.shape[0], 0, w.shape[0]), np.float32)
-    fused_cpu.hidden_rows(x, w, np.ones(w.shape[0], np.float32), zeros, w.shape[0], starts, g, maps, seq, h)
+    fused_cpu.hidden_rows(x, w, zeros, w.shape[0], starts, g, maps, seq, h)
 
 
 def test_static_hidden_rows_and_add_low_rank_are_matmuls():
@@ -63,7 +63,7 @@ def test_static_hidden_rows_and_add_low_rank_are_matmuls():
     b_t = rng.standard_normal((3, 5)).astype(np.float32)
     y = rng.standard_normal((4, 5)).astype(np.float32)
     want = y + h[:, 2:5] @ b_t
-    fused_cpu.add_low_rank(h, 2, 5, b_t, np.ones(3, np.float32), y)
+    fused_cpu.add_low_rank(h, 2, 5, b_t, y)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +79,7 @@ def test_bfloat16_outputs_are_summed_in_float32_and_rounded_to_nearest_even():
     h = np.array([[1.0, 2.0**-8, 2.0**-8 + 2.0**-10, -3.0]], np.float32)
     b_t = np.eye(4, dtype=np.float32)  # y[o] += h[o]
     y = _bf16_bits(torch.tensor([[1.0, 1.0, 1.0, 0.5]]))
-    fused_cpu.add_low_rank(h, 0, 4, _bf16_bits(torch.from_numpy(b_t)), np.ones(4, np.float32), y)
+    fused_cpu.add_low_rank(h, 0, 4, _bf16_bits(torch.from_numpy(b_t)), y)
     got = _from_bits(y)
     want = (torch.tensor([[1.0, 1.0, 1.0, 0.5]]) + torch.from_numpy(h)).to(torch.bfloat16)  # torch rounds RNE
     assert torch.equal(got, want)
@@ -334,72 +334,6 @@ def test_a_group_is_one_call_in_any_member_order_and_equals_the_torch_path(monke
         assert a.dtype == dtype
         assert_close(a, b, atol=tol, rtol=tol)
     assert len({t.data_ptr() for t in got}) == len(got)  # every call its own output tensor
-
-
-def test_int8_rows_are_within_half_a_step_of_the_factors():
-    t = torch.randn(5, 40) * torch.tensor([1.0, 1e-3, 30.0, 0.0, 1.0])[:, None]
-    t[4, 7] = -2.0  # a row whose extreme is negative
-    q, scale = fused_cpu._int8_rows(t)
-    assert q.dtype == np.int8 and scale.dtype == np.float32 and q.shape == (5, 40)
-    back = q.astype(np.float32) * scale[:, None]
-    assert (np.abs(back - t.numpy()) <= scale[:, None] / 2 * (1 + 1e-6)).all()
-    assert np.abs(q).max(1).tolist() == [127, 127, 127, 0, 127]  # each row uses the full range
-    assert scale[3] == 1.0 and not q[3].any()  # a zero row stays zero
-
-
-@pytest.mark.parametrize(
-    ("env", "quantised", "want"),
-    [
-        (None, True, True),
-        (None, False, False),
-        ("auto", True, True),
-        ("exact", True, False),
-        ("int8", False, True),
-    ],
-)
-def test_the_kernel_keeps_int8_factors_under_a_quantised_backbone_unless_told(
-    monkeypatch, env, quantised, want
-):
-    if env is None:
-        monkeypatch.delenv("HOE_KERNEL_FACTORS", raising=False)
-    else:
-        monkeypatch.setenv("HOE_KERNEL_FACTORS", env)
-    assert fused_cpu.int8_factors(quantised) is want
-
-
-def test_an_unknown_kernel_factor_format_is_refused(monkeypatch):
-    monkeypatch.setenv("HOE_KERNEL_FACTORS", "fp8")
-    with pytest.raises(ValueError, match="HOE_KERNEL_FACTORS must be one of"):
-        fused_cpu.int8_factors(True)
-
-
-def test_a_layer_knows_a_quantised_base_by_its_integer_weights():
-    base = torch.nn.Linear(16, 12)
-    assert not HoELinear(base, "x", [None]).quantised_base
-    base.weight = torch.nn.Parameter(torch.zeros(12 * 16 // 2, 1, dtype=torch.uint8), requires_grad=False)
-    assert HoELinear(base, "x", [None]).quantised_base  # bitsandbytes' packed 4-bit weights
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_factor_decode_steps_equal_the_torch_path_within_their_rounding(monkeypatch, dtype):
-    """The compiled step with int8 factors: every member's delta within 2% of the exact
-    one (per-row rounding of A, the gates and B), and not equal to it (int8 was used)."""
-    w = torch.tensor([[0.2, 0.0, 0.1, 0.3, 0.4]])
-    x = torch.randn(1, 1, 16).to(dtype)
-    monkeypatch.setenv("HOE_KERNEL_FACTORS", "int8")
-    with use_routing(w) as routing, torch.no_grad():
-        layers = _siblings(dtype)
-        got = [m(x) for m in layers]
-        base = [m.base(x) for m in layers]
-    kernel = next(iter(routing.kernels.values()))
-    assert kernel.fused.factors.flat.dtype == np.int8
-    monkeypatch.setenv("HOE_FUSED_CPU", "0")  # the torch path: the exact factors
-    with use_routing(w), torch.no_grad():
-        want = [m(x) for m in _siblings(dtype)]
-    for a, b, y in zip(got, want, base):
-        d_got, d_want = (a - y).float(), (b - y).float()
-        err = (d_got - d_want).norm() / d_want.norm()
-        assert 0 < err < (0.02 if dtype == torch.float32 else 0.06), err
 
 
 def test_a_sibling_sees_its_input_changed_in_place():

@@ -13,9 +13,7 @@ outputs by address::
 What remains is reading the factors from memory (about 45 MB per token for the shipped
 bundle), so they are kept as compactly as they are exact: float32 factors that are float16
 values (the shipped bundles store float16) are held as float16 and widened in the loop
-(``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Under a quantised
-backbone (int8, nf4) they are int8 with a float32 scale per row (:func:`int8_factors`),
-halving them again. Activations are float32
+(``vcvtph2ps``), halving the bytes; bfloat16 models keep bfloat16. Activations are float32
 or bfloat16 (as uint16 bit patterns, widened row by row; the sums run in float32 and y is
 rounded to nearest even once). Larger inputs (prefill) keep torch's GEMMs, which win
 there (bfloat16 models on a CPU without bfloat16 units compute them in float32, see
@@ -94,12 +92,7 @@ if numba is not None:
         def float16(context, builder, signature, args):
             return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-        def int8(context, builder, signature, args):
-            return builder.sitofp(args[0], ir.FloatType())
-
-        codegen = {types.float32: same, types.uint16: bfloat16, types.int16: float16, types.int8: int8}.get(
-            value
-        )
+        codegen = {types.float32: same, types.uint16: bfloat16, types.int16: float16}.get(value)
         return (types.float32(value), codegen) if codegen is not None else None
 
     @overload(widen, jit_options={"cache": True})
@@ -175,16 +168,15 @@ def gate_row(out, b_row, n_rank, starts, g_fixed, maps, g, h_row):  # pragma: no
 
 
 @_jit
-def hidden_rows(x, w, w_scale, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
+def hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h):  # pragma: no cover - compiled
     """Gated low-rank activations of one group.
 
     x (n, in) rows of the input, float32 or bfloat16 bits; w (R + S, in) the active A rows
-    then the gates, in any storage format, row k standing for w[k] * w_scale[k] (ones but
-    for int8 storage); b (R + S,); starts (P + 1,) offsets of the gate
+    then the gates, in any storage format; b (R + S,); starts (P + 1,) offsets of the gate
     blocks in S (one softmax each; [0] without routers); g_fixed (B, R) the expert anchors'
     weights per rank row; maps (B, S, R) router weight x one-hot (gate -> its expert's rank
-    rows); seq = T (row i belongs to batch row i // T); h (n, R) out. w_scale, b, g_fixed,
-    maps and h float32.
+    rows); seq = T (row i belongs to batch row i // T); h (n, R) out. b, g_fixed, maps and
+    h float32.
     """
     n, n_in = x.shape
     out = np.empty(w.shape[0], np.float32)
@@ -196,25 +188,22 @@ def hidden_rows(x, w, w_scale, b, n_rank, starts, g_fixed, maps, seq, h):  # pra
             acc = np.float32(0.0)
             for j in range(n_in):
                 acc += widen(w[k, j]) * x_row[j]
-            out[k] = acc * w_scale[k] + b[k]
+            out[k] = acc + b[k]
         gate_row(out, i // seq, n_rank, starts, g_fixed, maps, g, h[i])
 
 
 @_jit
 def _gating(floats, layout):  # pragma: no cover - compiled
-    """Views of a group's packed arrays (:class:`FusedGroup`): from ``floats`` the bias
-    (R + S,), the row scales of the stacked weight (R + S,) and of the B^T rows (R,),
-    g_fixed (B, R) and maps (B, S, R); R and the gate block offsets from ``layout``."""
+    """Views of a group's packed arrays (:class:`FusedGroup`): the bias (R + S,), g_fixed
+    (B, R) and maps (B, S, R) from ``floats``; R and the gate block offsets from ``layout``."""
     rows, n_rank, n_starts = layout[0], layout[2], layout[3]
     starts = layout[5 : 5 + n_starts]
     n_gates = rows - n_rank
-    head = 2 * rows + n_rank
-    n_batch = (floats.shape[0] - head) // (n_rank + n_gates * n_rank)
-    g_end = head + n_batch * n_rank
-    g_fixed = floats[head:g_end].reshape((n_batch, n_rank))
+    n_batch = (floats.shape[0] - rows) // (n_rank + n_gates * n_rank)
+    g_end = rows + n_batch * n_rank
+    g_fixed = floats[rows:g_end].reshape((n_batch, n_rank))
     maps = floats[g_end:].reshape((n_batch, n_gates, n_rank))
-    scales = floats[rows:head]
-    return floats[:rows], scales[:rows], scales[rows:], n_rank, starts, g_fixed, maps
+    return floats[:rows], n_rank, starts, g_fixed, maps
 
 
 @_jit
@@ -223,7 +212,7 @@ def gate_rows(z_addr, n, width, seq, floats, layout):  # pragma: no cover - comp
     gate logits plus their biases (one torch GEMM made them); each row's first R columns
     become its gated h (:func:`gate_row`). seq = T as in :func:`hidden_rows`; floats and
     layout a :class:`FusedGroup`'s packed arrays."""
-    _, _, _, n_rank, starts, g_fixed, maps = _gating(floats, layout)
+    _, n_rank, starts, g_fixed, maps = _gating(floats, layout)
     z = numba.carray(_address(z_addr), (n, width), np.float32)
     g = np.empty(n_rank, np.float32)
     for i in range(n):
@@ -231,17 +220,16 @@ def gate_rows(z_addr, n, width, seq, floats, layout):  # pragma: no cover - comp
 
 
 @_jit
-def add_low_rank(h, lo, hi, b_t, b_scale, y):  # pragma: no cover - compiled
-    """y[i] += h[i, lo:hi] @ (b_t * b_scale[:, None]), in place, summed in float32. h (n, R)
-    float32; b_t (hi - lo, out) in any storage format, b_scale (hi - lo,) float32 its row
-    scales (ones but for int8 storage); y (n, out) float32 or bfloat16 bits."""
+def add_low_rank(h, lo, hi, b_t, y):  # pragma: no cover - compiled
+    """y[i] += h[i, lo:hi] @ b_t, in place, summed in float32. h (n, R) float32; b_t
+    (hi - lo, out) in any storage format; y (n, out) float32 or bfloat16 bits."""
     n_out = y.shape[1]
     acc = np.empty(n_out, np.float32)
     y_buf = np.empty(n_out, np.float32)
     for i in range(h.shape[0]):
         acc[:] = as_f32(y[i], y_buf)
         for r in range(lo, hi):
-            c = h[i, r] * b_scale[r - lo]
+            c = h[i, r]
             for o in range(n_out):
                 acc[o] += c * widen(b_t[r - lo, o])
         store_f32(acc, y[i])
@@ -254,7 +242,7 @@ def group_step(io, x_addr, n, seq, flat, floats, layout, y_addrs):  # pragma: no
     io: an empty array of the activations' dtype (float32, or uint16 for bfloat16);
     x_addr: address of the input rows (n, in); seq = T as in :func:`hidden_rows`; flat,
     floats, layout: a :class:`FusedGroup`'s packed arrays (the factors in storage format,
-    the float32 bias, row scales and gating maps, the int64 sizes and member table: three arrays for
+    the float32 bias and gating maps, the int64 sizes and member table: three arrays for
     the dispatcher to check instead of eight); y_addrs (M,) int64: address of member m's
     base output (n, out_m), to add its delta to in place, or 0 to leave it (the caller
     adds it).
@@ -263,16 +251,15 @@ def group_step(io, x_addr, n, seq, flat, floats, layout, y_addrs):  # pragma: no
     members = layout[5 + n_starts : 5 + n_starts + 4 * n_members].reshape((n_members, 4))
     w = flat[: rows * n_in].reshape((rows, n_in))
     b_flat = flat[rows * n_in :]
-    b, w_scale, b_scale, n_rank, starts, g_fixed, maps = _gating(floats, layout)
+    b, n_rank, starts, g_fixed, maps = _gating(floats, layout)
     x = numba.carray(_address(x_addr), (n, n_in), io.dtype)
     h = np.empty((n, n_rank), np.float32)
-    hidden_rows(x, w, w_scale, b, n_rank, starts, g_fixed, maps, seq, h)
+    hidden_rows(x, w, b, n_rank, starts, g_fixed, maps, seq, h)
     for m in range(n_members):
         off, lo, hi, n_out = members[m, 0], members[m, 1], members[m, 2], members[m, 3]
         if hi > lo and y_addrs[m] != 0:
             y = numba.carray(_address(y_addrs[m]), (n, n_out), io.dtype)
-            b_t = b_flat[off : off + (hi - lo) * n_out].reshape((hi - lo, n_out))
-            add_low_rank(h, lo, hi, b_t, b_scale[lo:hi], y)
+            add_low_rank(h, lo, hi, b_flat[off : off + (hi - lo) * n_out].reshape((hi - lo, n_out)), y)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -294,33 +281,6 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.float().numpy())
 
 
-def _int8_rows(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """t (rows, cols) as int8 and a float32 scale per row: round(t / s) with s = max |row| /
-    127 (a zero row: s = 1, all zeros). Every element within s / 2 of its value."""
-    wide = t.detach().float().cpu()
-    scale = wide.abs().amax(1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(wide / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.numpy(), scale.numpy()
-
-
-#: how the compiled decode step stores a group's factors: ``exact`` (float32, float16 where
-#: that is exact, or bfloat16: as the model holds them), ``int8`` (per-row scaled int8: half
-#: the bytes of float16) or ``auto`` (int8 when the backbone is quantised, else exact)
-FACTOR_FORMATS = ("auto", "exact", "int8")
-
-
-def int8_factors(quantised_backbone: bool) -> bool:
-    """Whether the compiled decode step keeps factors as int8: ``HOE_KERNEL_FACTORS``
-    (default ``auto``: when the backbone is quantised, int8 or nf4, whose own weights are
-    far coarser than the factors' rounding). The decode step reads the factors from memory
-    every token, so half the bytes is a shorter step; prefill keeps the exact factors."""
-    choice = os.environ.get("HOE_KERNEL_FACTORS", "auto")
-    if choice not in FACTOR_FORMATS:
-        raise ValueError(f"HOE_KERNEL_FACTORS must be one of {list(FACTOR_FORMATS)}, got {choice!r}")
-    return choice == "int8" or (choice == "auto" and quantised_backbone)
-
-
 @dataclass
 class Factors:
     """A group's factors for one active set (preference-independent), packed for the
@@ -328,8 +288,7 @@ class Factors:
 
     flat: the stacked weight (R + S, in) -- the active A rows, then the gates -- then each
     member's B^T (R_m, out_m), flattened in turn, in storage format; bias (R + S,) float32:
-    zeros, then the gate biases; scales (R + S + R,) float32: each stacked weight row's
-    scale, then each B^T row's (ones, but for int8 storage); layout int64: [R + S, in, R, P + 1, M], the gate block
+    zeros, then the gate biases; layout int64: [R + S, in, R, P + 1, M], the gate block
     offsets in S (P + 1; [0] without routers), then per member its offset in the B^T part,
     its rank columns [lo, hi) of h and out_m (M x 4). ``weight`` and ``members`` are views
     of these.
@@ -338,7 +297,6 @@ class Factors:
     flat: np.ndarray
     bias: np.ndarray
     layout: np.ndarray
-    scales: np.ndarray
 
     @classmethod
     def pack(
@@ -348,36 +306,24 @@ class Factors:
         spans: list[tuple[int, int]],
         bias: torch.Tensor | None = None,
         sizes: Sequence[int] = (),
-        int8: bool = False,
     ) -> Factors:
         """From a group's stacked weight (R + S, in), its members' B^T (R_m, out_m) (None:
         no active expert), their rank columns of h, and with routers the stacked bias
-        (R + S,) and the gate block sizes (one softmax each). ``int8``: store weight and B^T
-        rows as int8 with a float32 scale each (:func:`int8_factors`)."""
+        (R + S,) and the gate block sizes (one softmax each)."""
         b_ts = [torch.zeros(0, dtype=weight.dtype) if t is None else t for t in b_ts]
+        b_flat = torch.cat([t.flatten() for t in b_ts])
         offsets = np.cumsum([0] + [t.numel() for t in b_ts])
         members = [
             (off, lo, hi, t.shape[-1] if hi > lo else 0) for off, (lo, hi), t in zip(offsets, spans, b_ts)
         ]
+        half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
         rows, n_in = weight.shape
-        n_rank_rows = sum(t.shape[0] for t in b_ts)
-        if int8:
-            w_q, w_scale = _int8_rows(weight)
-            b_parts = [_int8_rows(t) for t in b_ts if t.numel()]
-            flat = np.concatenate([w_q.ravel(), *(q.ravel() for q, _ in b_parts)])
-            scales = np.concatenate([w_scale, *(sc for _, sc in b_parts)]).astype(np.float32)
-        else:
-            b_flat = torch.cat([t.flatten() for t in b_ts])
-            half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
-            flat = np.concatenate([_stored(weight, half).ravel(), _stored(b_flat, half)])
-            scales = np.ones(rows + n_rank_rows, np.float32)
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         head = [rows, n_in, rows - int(starts[-1]), len(starts), len(members)]
         return cls(
-            flat,
+            np.concatenate([_stored(weight, half).ravel(), _stored(b_flat, half)]),
             np.zeros(rows, np.float32) if bias is None else _f32(bias),
             np.concatenate([head, starts, np.array(members, np.int64).ravel()]).astype(np.int64),
-            scales,
         )
 
     @property
@@ -405,9 +351,8 @@ class FusedGroup:
     ) -> None:
         """``g_fixed`` (B, R) float32: the expert anchors' weights per rank row; ``maps``
         (B, S, R) float32: router weight x one-hot (gate output -> its expert's rank rows),
-        or None without routers. Packed with the factors' bias and row scales into one
-        float32 array ``floats`` = [bias (R + S), scales (R + S + R), g_fixed, maps] for the
-        compiled calls."""
+        or None without routers. Packed with the factors' bias into one float32 array
+        ``floats`` = [bias (R + S), g_fixed, maps] for the compiled calls."""
         self.factors, self.dtype = factors, dtype
         self.io = np.empty(0, np.uint16 if dtype == torch.bfloat16 else np.float32)
         f, n_rank = factors, g_fixed.shape[1]
@@ -418,9 +363,7 @@ class FusedGroup:
             raise ValueError(
                 f"gating maps for R={n_rank}, S={maps.shape[1]} do not fit factors {f.layout[:3]}"
             )
-        self.floats = np.concatenate([f.bias, f.scales, g_fixed.ravel(), maps.ravel()]).astype(
-            np.float32, copy=False
-        )
+        self.floats = np.concatenate([f.bias, g_fixed.ravel(), maps.ravel()]).astype(np.float32, copy=False)
         self.n_in, self.out_sizes = int(f.layout[1]), f.members[:, 3].tolist()
         self.args = (f.flat, self.floats, f.layout)  # group_step's
         self.z_shape = (g_fixed.shape[0], n_rank + maps.shape[1])  # (B, R + S) of gate()'s input
@@ -489,10 +432,8 @@ def warm_up(dtype: torch.dtype) -> None:
     g_fixed, maps = np.ones((1, 2), np.float32), np.zeros((1, 1, 2), np.float32)
     addrs = np.array([y.data_ptr()], np.int64)
     full = partial(torch.full, dtype=dtype)
-    # float32 factors: as is, as float16; int8 (quantised backbones) for float32 activations
-    formats = [(0.5, False)] if dtype == torch.bfloat16 else [(0.1, False), (0.5, False), (0.5, True)]
-    for fill, int8 in formats:
-        f = Factors.pack(full((3, 2), fill), [full((2, 2), fill)], [(0, 2)], full((3,), 0.0), [1], int8)
+    for fill in [0.5] if dtype == torch.bfloat16 else [0.1, 0.5]:  # float32 factors: as is, as float16
+        f = Factors.pack(full((3, 2), fill), [full((2, 2), fill)], [(0, 2)], full((3,), 0.0), [1])
         group = FusedGroup(f, dtype, g_fixed, maps)
         group_step(io, x.data_ptr(), 1, 1, *group.args, addrs)
     z = torch.zeros(1, 3)  # prefill's gating: float32 for both (the CPU gates in float32)

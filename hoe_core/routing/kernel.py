@@ -149,12 +149,7 @@ class SiblingGroup:
         if device.type == "cpu" and w.dtype in fused_cpu.DTYPES and fused_cpu.available():
             if stacked.factors is None:  # once per active set: the factors in storage format
                 stacked.factors = fused_cpu.Factors.pack(
-                    w,
-                    stacked.b_ts,
-                    stacked.spans,
-                    stacked.bias,
-                    [n for _, n in stacked.segments],
-                    int8=fused_cpu.int8_factors(self.members[0].quantised_base),
+                    w, stacked.b_ts, stacked.spans, stacked.bias, [n for _, n in stacked.segments]
                 )
             kernel.fused = fused_cpu.FusedGroup(stacked.factors, w.dtype, g_np, maps_np)
         elif maps is None and g_fixed.shape[0] == 1:  # static, one row: fold into A

@@ -59,12 +59,6 @@ class HoELinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.n_experts = len(expert_factors)
-        # bitsandbytes keeps int8 / nf4 weights as int8 / packed uint8: a quantised backbone,
-        # under which the compiled decode step may keep the factors as int8 too
-        self.quantised_base = getattr(getattr(base, "weight", None), "dtype", None) in (
-            torch.int8,
-            torch.uint8,
-        )
         device = _device_of(base)
         a_parts, b_parts, owner = [], [], []
         for e, factors in enumerate(expert_factors):
