@@ -636,14 +636,14 @@ def run_bench(cfg: BenchConfig, log=progress) -> dict:
 
     ``log`` receives progress lines; with ``isolate`` it is sent to the child processes, so
     it must pickle (``print``, a module-level function, a ``functools.partial`` of one)."""
-    import pickle
+    from multiprocessing.reduction import ForkingPickler
 
     from hoe_core.bundle import provenance
 
     if cfg.isolate:
-        try:
-            pickle.dumps(log)
-        except (pickle.PicklingError, AttributeError, TypeError) as err:
+        try:  # as the process pool will send it (our own objects only; nothing is loaded)
+            ForkingPickler.dumps(log)
+        except Exception as err:  # PicklingError, AttributeError or TypeError, by object
             raise ValueError(
                 "with isolate=True each precision runs in a child process, so log must pickle "
                 f"(print, a module-level function or a partial of one); got {log!r}: {err}"
