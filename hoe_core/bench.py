@@ -1,5 +1,6 @@
 """The benchmark behind ``python -m hoe_core bench``: HoE against the bare backbone and the
-baselines, in one process, on the same prompts, precision and decoding settings.
+baselines, on the same prompts, precision and decoding settings; each precision in a fresh
+process of its own (``BenchConfig.isolate``), every method of it in that one process.
 
 Per precision (fp32, bf16, int8, nf4) it measures
 
@@ -26,6 +27,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -271,7 +273,7 @@ class PrecisionResult:
     methods: dict[str, MethodResult] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     error: str | None = None
-    pid: int = field(default_factory=os.getpid)  # the process that measured it
+    pid: int | None = field(default_factory=os.getpid)  # the process that measured it (None: it died)
 
 
 def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=print) -> PrecisionResult:
@@ -612,17 +614,65 @@ def _in_fresh_process(cfg: BenchConfig, precision: str, bandwidth_gbs: float, lo
     """One precision in a new (spawned) Python process, so nothing an earlier precision's
     methods left behind -- allocator state after merge-at-lambda's dense deltas, RS's
     backbone copy, compiled kernels -- is measured with it. The app runs one precision per
-    process; so does this."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    process; so does this.
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    The child never outlives this call: it is killed when the call ends in any way (Ctrl-C
+    included), and on Linux when this process dies (``PR_SET_PDEATHSIG``), so no orphan keeps
+    measuring beside a later run. An exception in the child is raised here, with the
+    child's traceback as a note; a child that dies gives an error entry."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_child_main, args=(send, cfg, precision, bandwidth_gbs, log), name=f"bench-{precision}"
+    )
+    child.start()
+    send.close()  # the child holds the only sending end: its death ends recv() with EOFError
+    try:
         try:
-            return pool.submit(_bench_precision_or_error, cfg, precision, bandwidth_gbs, log).result()
-        except BrokenProcessPool as err:  # killed (out of memory?) or crashed in native code
-            log(f"  {precision}: the process measuring it died ({err})")
-            return PrecisionResult(precision, error=f"the process measuring it died: {err}")
+            status, payload, trace = receive.recv()
+        except EOFError:  # killed (out of memory?) or crashed in native code
+            child.join()
+            why = f"the process measuring it died (exit code {child.exitcode})"
+            log(f"  {precision}: {why}")
+            return PrecisionResult(precision, error=why, pid=None)
+        child.join()
+        if status == "error":
+            payload.add_note(f"raised in the bench's child process for {precision}:\n{trace}")
+            raise payload
+        return payload
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def _child_main(send, cfg: BenchConfig, precision: str, bandwidth_gbs: float, log) -> None:
+    """The child of :func:`_in_fresh_process`: measure, send ("ok", result, "") or ("error",
+    exception, traceback) back."""
+    import traceback
+
+    if sys.platform.startswith("linux"):  # die with the parent, whatever kills it
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    try:
+        message = ("ok", _bench_precision_or_error(cfg, precision, bandwidth_gbs, log), "")
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+        message = ("error", err, traceback.format_exc())
+    try:
+        send.send(message)
+    except Exception as err:  # an exception that does not pickle: its text instead
+        send.send(("error", RuntimeError(f"{message[1]!r} (unpicklable: {err})"), message[2]))
+    send.close()
 
 
 def progress(*args) -> None:
@@ -635,7 +685,10 @@ def run_bench(cfg: BenchConfig, log=progress) -> dict:
     results dict (see :func:`markdown_report`).
 
     ``log`` receives progress lines; with ``isolate`` it is sent to the child processes, so
-    it must pickle (``print``, a module-level function, a ``functools.partial`` of one)."""
+    it must pickle (``print``, a module-level function, a ``functools.partial`` of one).
+    The children are spawned: a script that calls this with ``isolate`` needs the usual
+    ``if __name__ == "__main__":`` guard (``python -m hoe_core bench`` needs none: spawn
+    does not re-run a package's ``__main__``)."""
     from multiprocessing.reduction import ForkingPickler
 
     from hoe_core.bundle import provenance

@@ -3,6 +3,7 @@ report come out, RS's re-merged weights are the same model as the unmerged soup,
 decodes a fixed length when asked. (Speed itself is never asserted here: the benchmark
 measures it.)"""
 
+import os
 from contextlib import nullcontext
 from functools import partial
 
@@ -247,8 +248,26 @@ def test_each_precision_is_measured_in_a_fresh_process(pico_bundle, capfd):
 def test_isolated_bench_reports_bad_input_from_the_child(tmp_path):
     from hoe_core.bundle import BundleError
 
-    with pytest.raises(BundleError, match="missing does not exist"):  # raised in the child, seen here
+    with pytest.raises(BundleError, match="missing does not exist") as raised:
         run_bench(BenchConfig(bundle=str(tmp_path / "missing"), precisions=("fp32",)))
+    (note,) = raised.value.__notes__  # raised in the child, seen here with the child's traceback
+    assert note.startswith("raised in the bench's child process for fp32:") and "load_bundle" in note
+
+
+def _exit_in_child(parent: int, *_args) -> None:
+    """A log that kills any process but ``parent`` at its first line (a crashing child)."""
+    if os.getpid() != parent:
+        os._exit(9)
+
+
+def test_a_child_that_dies_becomes_an_error_entry_and_the_run_goes_on(pico_bundle):
+    cfg = BenchConfig(bundle=str(pico_bundle), precisions=("fp32", "bf16"), methods=("hoe",), new_tokens=2)
+    results = run_bench(cfg, log=partial(_exit_in_child, os.getpid()))
+    assert [(p["precision"], p["error"], p["pid"]) for p in results["precisions"]] == [
+        ("fp32", "the process measuring it died (exit code 9)", None),
+        ("bf16", "the process measuring it died (exit code 9)", None),
+    ]
+    assert results["targets"] == []  # nothing measured, nothing claimed
     with pytest.raises(ValueError, match="log must pickle"):
         run_bench(BenchConfig(precisions=("fp32",)), log=lambda *_: None)
 
