@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import random
 import re
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from contextlib import nullcontext
 from functools import partial
 from io import BytesIO
@@ -72,15 +70,15 @@ def main() -> None:
         (Path(tmp) / "assets").symlink_to(Path("assets").resolve())  # its data files' root
         sys.path.insert(0, tmp)
         text = compare(args, old_name)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from hoe_core.bench import write_report
+
+    write_report(text, args.out)
 
 
 def compare(args, old_name: str) -> str:
     """Both versions' HoE models and the backbone, decoded in shuffled order; the report."""
     from hoe_core.backbone import load_backbone
-    from hoe_core.bench import BENCH_PROMPTS, _generate_timed
+    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds
     from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
 
@@ -92,18 +90,7 @@ def compare(args, old_name: str) -> str:
     for label, loaded in (("new", new), ("old", old)):
         hoe = loaded.hoe
         arms[label] = (hoe.model, partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE])))
-    res: dict[str, list[float]] = {k: [] for k in arms}  # decode ms per token
-    first: dict[str, list[float]] = {k: [] for k in arms}  # ms to the first token (prefill)
-    rng = random.Random(args.seed)
-    for r in range(args.rounds + 1):  # round 0 warms up (kernels compiled, caches built)
-        order = list(arms)
-        rng.shuffle(order)
-        for label in order:
-            model, ctx = arms[label]
-            t = _generate_timed(model, enc, args.tokens, ctx)
-            if r:
-                res[label].append(t.decode_s / (args.tokens - 1) * 1e3)
-                first[label].append(t.first_token_s * 1e3)
+    res, first = shuffled_rounds(arms, enc, args.rounds, args.tokens, args.seed)  # ms per token, ms
     med = {k: statistics.median(v) for k, v in res.items()}
     med_first = {k: statistics.median(v) for k, v in first.items()}
     diff = statistics.median([a - b for a, b in zip(res["new"], res["old"])])
@@ -111,7 +98,7 @@ def compare(args, old_name: str) -> str:
     lines = [
         f"# Decode and first token, working tree against {args.old} ({old_name}), one process",
         "",
-        f"`{' '.join(['python', *sys.argv])}`, {time.strftime('%Y-%m-%d %H:%M')}. Precision "
+        f"{invocation()}. Precision "
         f"{args.precision}, preference {PREFERENCE}, {args.rounds} rounds x {args.tokens} tokens, arms "
         "shuffled per round.",
         "",

@@ -19,13 +19,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import random
 import statistics
-import sys
-import time
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
@@ -84,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
 
-    from hoe_core.bench import BENCH_PROMPTS, _generate_timed
+    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds, write_report
     from hoe_core.generation import encode_chat
 
     b1, h1, ctx1, tok = load_set(args.precision)
@@ -99,16 +95,7 @@ def main() -> None:
         "backbone 2": (b2, nullcontext),
         "hoe 2": (h2, ctx2),
     }
-    ms: dict[str, list[float]] = {k: [] for k in arms}
-    rng = random.Random(args.seed)
-    for r in range(args.rounds + 1):  # round 0 warms up
-        order = list(arms)
-        rng.shuffle(order)
-        for label in order:
-            model, ctx = arms[label]
-            t = _generate_timed(model, enc, args.tokens, ctx)
-            if r:
-                ms[label].append(t.decode_s / (args.tokens - 1) * 1e3)
+    ms, _ = shuffled_rounds(arms, enc, args.rounds, args.tokens, args.seed)  # decode ms per token
     med = {k: statistics.median(v) for k, v in ms.items()}
     ratio = {
         s: statistics.median(b / h for b, h in zip(ms[f"backbone {s}"], ms[f"hoe {s}"])) for s in ("1", "2")
@@ -116,7 +103,7 @@ def main() -> None:
     lines = [
         "# HoE decode for models loaded before and after the fp32 baselines, one process",
         "",
-        f"`{' '.join(['python', *sys.argv])}`, {time.strftime('%Y-%m-%d %H:%M')}. Precision {args.precision}, "
+        f"{invocation()}. Precision {args.precision}, "
         f"preference {PREFERENCE}, {args.rounds} rounds x {args.tokens} tokens, arms shuffled per round. "
         f"Set 1 loaded first; then fp32 RS and merge-at-lambda ran (peak RSS {peak:.0f} MiB) and were "
         f"dropped{'; malloc_trim(0)' if args.trim else ''}; then set 2 loaded.",
@@ -128,10 +115,7 @@ def main() -> None:
         f"HoE / backbone tok/s, median of per-round ratios: set 1 **{ratio['1']:.3f}**, "
         f"set 2 **{ratio['2']:.3f}**.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,9 @@ wrappers, the Python path and the compiled kernel.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import sys
-import time
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from pathlib import Path
 
 BUNDLE = "assets/smollm2-hhh"
 PREFERENCE = (0.4, 0.3, 0.3)
@@ -41,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hoe_core.backbone import load_backbone
-    from hoe_core.bench import BENCH_PROMPTS, _generate_timed
+    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds, write_report
     from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
     from hoe_core.routing import fused_cpu
@@ -68,16 +64,7 @@ def main() -> None:
         "no kernel": (hoe.model, no_kernel),
         "hoe": (hoe.model, routed),
     }
-    ms: dict[str, list[float]] = {k: [] for k in arms}
-    rng = random.Random(args.seed)
-    for r in range(args.rounds + 1):  # round 0 warms up
-        order = list(arms)
-        rng.shuffle(order)
-        for label in order:
-            model, ctx = arms[label]
-            t = _generate_timed(model, enc, args.tokens, ctx)
-            if r:
-                ms[label].append(t.decode_s / (args.tokens - 1) * 1e3)
+    ms, _ = shuffled_rounds(arms, enc, args.rounds, args.tokens, args.seed)  # decode ms per token
     med = {k: statistics.median(v) for k, v in ms.items()}
     names = list(arms)
     steps = [(b, a, statistics.median(x - y for x, y in zip(ms[b], ms[a]))) for a, b in zip(names, names[1:])]
@@ -85,7 +72,7 @@ def main() -> None:
     lines = [
         f"# HoE's decode time per token by ablation ({args.precision}), one process",
         "",
-        f"`{' '.join(['python', *sys.argv])}`, {time.strftime('%Y-%m-%d %H:%M')}. Preference {PREFERENCE}, "
+        f"{invocation()}. Preference {PREFERENCE}, "
         f"{args.rounds} rounds x {args.tokens} tokens, arms shuffled per round.",
         "",
         "| arm | decode ms per token (median) | tokens/s | backbone / arm |",
@@ -97,10 +84,7 @@ def main() -> None:
         *(f"| {b} - {a} | {d:+.2f} |" for b, a, d in steps),
         f"| hoe - backbone | {total:+.2f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 BUNDLE = "assets/smollm2-hhh"
 PREFERENCE = (0.4, 0.3, 0.3)
@@ -32,7 +30,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
 
-    from hoe_core.bench import BENCH_PROMPTS, _generate_timed
+    from hoe_core.bench import BENCH_PROMPTS, _generate_timed, invocation, write_report
     from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
     from hoe_core.routing import fused_cpu, kernel, layer
@@ -92,7 +90,7 @@ def main() -> None:
     lines = [
         f"# HoE's decode step timed in place ({args.precision})",
         "",
-        f"`{' '.join(['python', *sys.argv])}`, {time.strftime('%Y-%m-%d %H:%M')}. Preference {PREFERENCE}; "
+        f"{invocation()}. Preference {PREFERENCE}; "
         f"medians of {args.repeats} repeats of (34 tokens - 2 tokens) / 32; HoE unwrapped: "
         f"{statistics.median(totals):.2f} ms per token.",
         "",
@@ -107,10 +105,7 @@ def main() -> None:
         f"| FusedGroup.accepts | {med['FusedGroup.accepts']:.2f} |",
         f"| FusedGroup.step, outside the compiled call | {step_python:.2f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

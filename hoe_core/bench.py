@@ -214,6 +214,46 @@ def _generate_timed(model, enc: dict, new_tokens: int, routing=nullcontext) -> T
     return Timing(clock.first - clock.start, end - clock.first, n, out.shape[0])
 
 
+def shuffled_rounds(
+    arms: dict[str, tuple[torch.nn.Module, Callable]], enc: dict, rounds: int, new_tokens: int, seed: int = 0
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Generate ``new_tokens`` with every arm (label -> (model, routing context factory))
+    once per round, in an order shuffled per round, so a shared machine's drift lands on
+    all arms alike; round 0 warms up (kernels compiled, caches built) and is not kept.
+    Returns per arm, one value per round: decode ms per token, and ms to the first token.
+    The A/B scripts under ``bench/`` compare arms this way, in one process."""
+    import random
+
+    rng = random.Random(seed)
+    decode: dict[str, list[float]] = {k: [] for k in arms}
+    first: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(rounds + 1):
+        order = list(arms)
+        rng.shuffle(order)
+        for label in order:
+            model, routing = arms[label]
+            t = _generate_timed(model, enc, new_tokens, routing)
+            if r:
+                decode[label].append(t.decode_s / (new_tokens - 1) * 1e3)
+                first[label].append(t.first_token_s * 1e3)
+    return decode, first
+
+
+def invocation() -> str:
+    """The command line that is running, and when: the first words of a ``bench/`` report."""
+    return f"`{' '.join(['python', *sys.argv])}`, {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+def write_report(text: str, path: Path | str | None) -> None:
+    """Print a markdown report and, given a path, write it there (folders made as needed)."""
+    print(text, end="")
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
 def _mod_timed(hoe, tok, prompts: list[str], preference, new_tokens: int) -> Timing:
     """MOD decodes by its own loop (one forward per objective model per token)."""
     from hoe_core.baselines.mod import mod_steps

@@ -175,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from hoe_core.bench import BenchConfig, markdown_report, run_bench
+    from hoe_core.bench import BenchConfig, markdown_report, run_bench, write_report
 
     cfg = BenchConfig(
         bundle=str(args.bundle),
@@ -190,12 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     results = run_bench(cfg)
     command = " ".join(["python -m hoe_core", *sys.argv[1:]]) if args.command is None else args.command
-    report = markdown_report(results, command)
-    print(report, end="")
-    if args.md is not None:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(report)
-        print(f"wrote {args.md}")
+    write_report(markdown_report(results, command), args.md)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -272,6 +272,32 @@ def test_a_child_that_dies_becomes_an_error_entry_and_the_run_goes_on(pico_bundl
         run_bench(BenchConfig(precisions=("fp32",)), log=lambda *_: None)
 
 
+def test_shuffled_rounds_run_every_arm_once_a_round_after_a_warm_up(pico_bundle, monkeypatch):
+    """The A/B scripts' loop: each round every arm once, in a shuffled order; round 0 not kept."""
+    import hoe_core.bench as bench
+
+    loaded = load_bundle(pico_bundle)
+    hoe, tok = loaded.hoe, loaded.backbone.tokenizer
+    enc = tok(["hi"], return_tensors="pt")
+    routed = [partial(hoe.routing, anchor_weights=hoe.anchor_weights([w])) for w in ((1, 0, 0), (0, 1, 0))]
+    arms = {"a": (hoe.model, nullcontext), "b": (hoe.model, routed[0]), "c": (hoe.model, routed[1])}
+    real, calls = bench._generate_timed, []
+    monkeypatch.setattr(
+        bench, "_generate_timed", lambda m, e, n, ctx: calls.append(ctx) or real(m, e, n, ctx)
+    )
+    decode, first = bench.shuffled_rounds(arms, enc, rounds=4, new_tokens=3, seed=1)
+    assert len(calls) == 3 * 5  # a warm-up round, then four
+    orders = [calls[i : i + 3] for i in range(0, 15, 3)]
+    assert all(sorted(map(id, o)) == sorted(id(c) for _, c in arms.values()) for o in orders)
+    assert len({tuple(map(id, o)) for o in orders}) > 1  # shuffled, not one fixed order
+    assert (
+        {k: len(v) for k, v in decode.items()}
+        == {k: len(v) for k, v in first.items()}
+        == dict.fromkeys(arms, 4)
+    )
+    assert all(x > 0 for v in (*decode.values(), *first.values()) for x in v)
+
+
 @pytest.fixture(scope="module")
 def uneven_bundle(tmp_path_factory):
     """A pico bundle whose router covers two of the three experts and whose third expert
