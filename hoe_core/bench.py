@@ -41,6 +41,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from hoe_core.config import PRECISIONS
+from hoe_core.routing import fused_cpu
 
 #: one prompt per kind the app offers (question, joke, red team, advice), cycled to the batch
 BENCH_PROMPTS = (
@@ -533,13 +534,30 @@ def _anchor_names(hoe) -> list[str]:
     return [*hoe.expert_names, *(r.name for r in hoe.routers)]
 
 
-def _expert_bytes(hoe, expert: int) -> int:
-    """Bytes of one expert's factors across the HoE layers."""
+def _expert_bytes(hoe, expert: int, element_size: int | None = None) -> int:
+    """Bytes of one expert's factors across the HoE layers (``element_size`` bytes each;
+    default: as stored)."""
     total = 0
     for layer in hoe.layers.values():
         rows = int((layer.owner == expert).sum())
-        total += rows * (layer.lora_A.shape[1] + layer.lora_B.shape[0]) * layer.lora_A.element_size()
+        total += (
+            rows
+            * (layer.lora_A.shape[1] + layer.lora_B.shape[0])
+            * (element_size or layer.lora_A.element_size())
+        )
     return total
+
+
+def decode_element_size(hoe) -> int:
+    """Bytes per factor and gate weight that a single-stream decode step reads: the compiled
+    CPU step keeps float32 ones that hold float16 values (the shipped bundles store float16)
+    as float16 (:meth:`hoe_core.routing.fused_cpu.Factors.pack`); else as stored."""
+    layers = list(hoe.layers.values())
+    stored = layers[0].lora_A
+    if stored.device.type != "cpu" or stored.dtype not in fused_cpu.DTYPES or not fused_cpu.available():
+        return stored.element_size()
+    tensors = [t for layer in layers for t in (layer.lora_A, layer.lora_B, *(g.weight for g in layer.gates))]
+    return 2 if all(map(fused_cpu.exact_in_half, tensors)) else stored.element_size()
 
 
 def _all_bytes(hoe) -> int:
@@ -595,15 +613,17 @@ def _live_experts(active_anchors: np.ndarray, n_experts: int, subsets: list[list
 
 
 def _live_bytes(hoe, active_anchors: np.ndarray) -> int:
-    """Bytes read per token for the live experts and routers of one preference."""
+    """Bytes a decode step reads for the live experts and routers of one preference, in the
+    format it reads them (:func:`decode_element_size`; gate biases as stored)."""
     n = hoe.n_experts
+    size = decode_element_size(hoe)
     total = sum(
-        weight_bytes(layer.gates[p])
+        layer.gates[p].weight.numel() * size + layer.gates[p].bias.nbytes
         for p in np.flatnonzero(active_anchors[n:])
         for layer in hoe.layers.values()
     )
     live = _live_experts(active_anchors, n, next(iter(hoe.layers.values())).subsets)
-    return total + sum(_expert_bytes(hoe, e) for e in live)
+    return total + sum(_expert_bytes(hoe, e, size) for e in live)
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -911,7 +931,7 @@ def markdown_report(results: dict, command: str) -> str:
                 f"= {(q['experts'] + q['routers']) / q['backbone']:.1%} of the backbone. RS and MOD keep the "
                 f"{q['single_experts']:,} parameters of the single experts here (as factors on the shared "
                 f"backbone); as full models, as their papers run them, {q['n_full_models']:,}. Roofline: "
-                f"{q['roofline_tok_s']:.1f} tok/s if every weight byte is read once per token.",
+                f"{q['roofline_tok_s']:.1f} tok/s if every weight byte is read once per token.{_byte_bound(p)}",
             ]
         lines.append("")
     lines += [
@@ -954,6 +974,21 @@ def markdown_report(results: dict, command: str) -> str:
                     f"| {_fmt(r['unchanged_first_token_s'], '.3f')} | {_interval(r['switch_cost'])} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _byte_bound(p: dict) -> str:
+    """A sentence: what HoE's decode step reads beyond the backbone, and the speed ratio to
+    the backbone that this leaves at the roofline (both reading at the copy bandwidth)."""
+    methods = p.get("methods") or {}
+    bytes_of = {k: (methods.get(k) or {}).get("bytes_per_token_mib") for k in ("backbone", "hoe")}
+    if None in bytes_of.values():
+        return ""
+    extra = bytes_of["hoe"] - bytes_of["backbone"]
+    return (
+        f" HoE's decode step reads {extra:.1f} MiB of live experts and routers per token beyond the "
+        f"backbone's {bytes_of['backbone']:.1f} MiB: at the roofline it could decode at most "
+        f"{bytes_of['backbone'] / bytes_of['hoe']:.3f}x as fast as the backbone."
+    )
 
 
 def _interval(q: dict | None) -> str:

@@ -75,6 +75,8 @@ def test_bench_measures_every_method_and_reports_targets(pico_bundle):
     assert "## fp32" in report and "| merge-ties |" in report and "## Targets" in report
     assert "python -m hoe_core bench --test" in report
     assert f"| {switch['flop_ratio']:.2f} | ≤ 1.1 |" in report
+    bound = methods["backbone"]["bytes_per_token_mib"] / methods["hoe"]["bytes_per_token_mib"]
+    assert 0 < bound < 1 and f"could decode at most {bound:.3f}x as fast as the backbone" in report
     assert "## Preference switch cost" in report and "| fp32 | hoe | " in report
     assert "| fp32 | mod | " not in report.split("## Preference switch cost")[1]
     code = results["code"]  # the commit measured (this test runs in a checkout or a clean clone)
@@ -357,3 +359,25 @@ def test_every_switch_goes_to_a_preference_not_seen_before():
     for i, p in enumerate(prefs):
         near = lam2 if i % 2 == 0 else lam
         assert p.sum() == pytest.approx(1) and (p >= 0).all() and np.abs(p - near).max() < 0.01
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hoe_bytes_per_token_count_what_the_decode_step_reads(pico_bundle, monkeypatch, fused):
+    """The roofline's bytes for HoE: the live factors and gate weights at 2 bytes each where the
+    compiled decode step keeps float32 copies of float16 values as float16 (the bundle stores
+    float16), at 4 where the step is off; the gate biases as stored."""
+    from hoe_core.bench import _live_bytes, decode_element_size
+
+    monkeypatch.setenv("HOE_FUSED_CPU", "1" if fused else "0")
+    hoe = load_bundle(pico_bundle, device="cpu").hoe
+    layers = list(hoe.layers.values())
+    assert layers[0].lora_A.dtype == torch.float32
+    active = np.ones(hoe.n_experts + len(layers[0].subsets), bool)  # every expert and router live
+    factors = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers)
+    gates = sum(g.weight.numel() for layer in layers for g in layer.gates)
+    biases = sum(g.bias.nbytes for layer in layers for g in layer.gates)
+    size = 2 if fused else 4
+    assert decode_element_size(hoe) == size
+    assert _live_bytes(hoe, active) == (factors + gates) * size + biases
+    layers[0].lora_A[0, 0] += 1e-4  # a value float16 cannot hold: the step keeps float32
+    assert decode_element_size(hoe) == 4

@@ -267,7 +267,9 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _exact_in_half(t: torch.Tensor) -> bool:
+def exact_in_half(t: torch.Tensor) -> bool:
+    """Whether ``t`` is float32 holding float16 values: then :meth:`Factors.pack` keeps it
+    as float16, half the bytes each decode step reads."""
     return t.dtype == torch.float32 and torch.equal(t.half().float(), t)
 
 
@@ -316,7 +318,7 @@ class Factors:
         members = [
             (off, lo, hi, t.shape[-1] if hi > lo else 0) for off, (lo, hi), t in zip(offsets, spans, b_ts)
         ]
-        half = _exact_in_half(weight) and _exact_in_half(b_flat)  # float32 holding float16 values
+        half = exact_in_half(weight) and exact_in_half(b_flat)  # float32 holding float16 values
         rows, n_in = weight.shape
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         head = [rows, n_in, rows - int(starts[-1]), len(starts), len(members)]
