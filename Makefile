@@ -44,7 +44,7 @@ format: setup
 fronts: setup
 	$(BIN)/python -m hoe_core.evaluation.fronts --bundle assets/smollm2-hhh
 
-# bench/results.md: every method at every precision, one process (~30 min on 2 CPU cores)
+# bench/results.md: every method at every precision, each precision in a fresh process (~30 min on 2 CPU cores)
 bench: setup
 	$(BIN)/python -m hoe_core bench --bundle assets/smollm2-hhh --md bench/results.md --json bench/results.json
 
