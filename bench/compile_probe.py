@@ -1,7 +1,7 @@
 """Does a static KV cache, or ``torch.compile`` of the whole model, speed up CPU decoding?
 
 Issue 6 asks to try ``torch.compile`` and a static cache and keep what measurably helps.
-Compiling HoE's group kernel alone was slower (README, "What was tried and not kept"); this
+Compiling HoE's group kernel alone was slower (bench/README.md, "What was tried and not kept"); this
 tries the whole forward of the bare backbone, where compiling has the best case: no HoE
 layer, so no numba call or context variable to break the graph. Arms, decoded in shuffled
 order round after round (greedy, a fixed number of tokens), in one process:
@@ -14,8 +14,9 @@ order round after round (greedy, a fixed number of tokens), in one process:
 - ``hoe compiled``: HoE with its mixture as plain torch ops that dynamo can trace (every
   layer's stacked factors and gates and this preference's gating resolved up front, as the
   served kernels hold them; no numba, no context variable), the static cache and
-  ``torch.compile`` of the whole forward. Its logits equal the served path's (fp32: within
-  4e-5 at the prompt); the ratio to compare is ``backbone compiled / hoe compiled``.
+  ``torch.compile`` of the whole forward. The report gives how far its next-token logits at
+  the prompt are from the served path's; the ratio to compare is ``static + compile / hoe
+  compiled``.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/compile_probe.py [--precision nf4] \
         [--rounds 6] [--out bench/compile_probe-nf4.md]

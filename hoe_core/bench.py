@@ -613,8 +613,10 @@ def _live_experts(active_anchors: np.ndarray, n_experts: int, subsets: list[list
 
 
 def _live_bytes(hoe, active_anchors: np.ndarray) -> int:
-    """Bytes a decode step reads for the live experts and routers of one preference, in the
-    format it reads them (:func:`decode_element_size`; gate biases as stored)."""
+    """Bytes a decode step reads for the live experts' factors and routers' gates of one
+    preference, in the format it reads them (:func:`decode_element_size`; gate biases as
+    stored). Not counted: the compiled step's small float32 gating maps (per sibling group
+    (S, R) and (R,); about 0.5 MiB per token for the shipped bundle)."""
     n = hoe.n_experts
     size = decode_element_size(hoe)
     total = sum(

@@ -379,5 +379,10 @@ def test_hoe_bytes_per_token_count_what_the_decode_step_reads(pico_bundle, monke
     size = 2 if fused else 4
     assert decode_element_size(hoe) == size
     assert _live_bytes(hoe, active) == (factors + gates) * size + biases
-    layers[0].lora_A[0, 0] += 1e-4  # a value float16 cannot hold: the step keeps float32
-    assert decode_element_size(hoe) == 4
+    if fused:  # what the compiled step packed at a decode step: float16 bits, in every group
+        with torch.no_grad(), hoe.routing(anchor_weights=hoe.anchor_weights([[0.4, 0.3, 0.3]])):
+            hoe.model(torch.randint(0, 256, (1, 1)))
+        packed = [s.factors for layer in layers for s in layer.group.stacks.values()]
+        assert packed and all(f is not None and f.flat.dtype == np.int16 for f in packed)
+        layers[0].lora_A[0, 0] += 1e-4  # a value float16 cannot hold: the step keeps float32
+        assert decode_element_size(hoe) == 4
