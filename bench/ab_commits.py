@@ -22,7 +22,6 @@ import sys
 import tarfile
 import tempfile
 from contextlib import nullcontext
-from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -77,19 +76,13 @@ def main() -> None:
 
 def compare(args, old_name: str) -> str:
     """Both versions' HoE models and the backbone, decoded in shuffled order; the report."""
-    from hoe_core.backbone import load_backbone
-    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds
-    from hoe_core.bundle import load_bundle
-    from hoe_core.generation import encode_chat
+    from hoe_core.bench import invocation, load_models, routed_at, shuffled_rounds
 
     old = importlib.import_module(f"{old_name}.bundle").load_bundle(BUNDLE, precision=args.precision)
-    new = load_bundle(BUNDLE, precision=args.precision)
-    bare = load_backbone(new.manifest.backbone["spec"], args.precision, "cpu", base_dir=new.root).model
-    enc = encode_chat(new.backbone.tokenizer, [BENCH_PROMPTS[0]], "cpu")
+    new, bare, enc = load_models(BUNDLE, args.precision)
     arms = {"backbone": (bare, nullcontext)}
     for label, loaded in (("new", new), ("old", old)):
-        hoe = loaded.hoe
-        arms[label] = (hoe.model, partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE])))
+        arms[label] = (loaded.hoe.model, routed_at(loaded.hoe, PREFERENCE))
     res, first = shuffled_rounds(arms, enc, args.rounds, args.tokens, args.seed)  # ms per token, ms
     med = {k: statistics.median(v) for k, v in res.items()}
     med_first = {k: statistics.median(v) for k, v in first.items()}

@@ -30,15 +30,12 @@ PREFERENCE = (0.4, 0.3, 0.3)
 
 
 def load_set(precision: str):
-    """(backbone model, HoE model, HoE's routing context, tokenizer) at ``precision``."""
-    from hoe_core.backbone import load_backbone
-    from hoe_core.bundle import load_bundle
+    """(backbone model, HoE model, HoE's routing context, the encoded bench prompt) at
+    ``precision``."""
+    from hoe_core.bench import load_models, routed_at
 
-    loaded = load_bundle(BUNDLE, precision=precision)
-    bare = load_backbone(loaded.manifest.backbone["spec"], precision, "cpu", base_dir=loaded.root).model
-    hoe = loaded.hoe
-    ctx = partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE]))
-    return bare, hoe.model, ctx, loaded.backbone.tokenizer
+    loaded, bare, prompt = load_models(BUNDLE, precision)
+    return bare, loaded.hoe.model, routed_at(loaded.hoe, PREFERENCE), prompt
 
 
 def disturb(tokens: int) -> float:
@@ -80,15 +77,13 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
 
-    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds, write_report
-    from hoe_core.generation import encode_chat
+    from hoe_core.bench import invocation, shuffled_rounds, write_report
 
-    b1, h1, ctx1, tok = load_set(args.precision)
+    b1, h1, ctx1, enc = load_set(args.precision)
     peak = disturb(4)
     if args.trim:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     b2, h2, ctx2, _ = load_set(args.precision)
-    enc = encode_chat(tok, [BENCH_PROMPTS[0]], "cpu")
     arms = {
         "backbone 1": (b1, nullcontext),
         "hoe 1": (h1, ctx1),

@@ -125,16 +125,11 @@ def main() -> None:
 
     import torch
 
-    from hoe_core.backbone import load_backbone
-    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds, write_report
-    from hoe_core.bundle import load_bundle
-    from hoe_core.generation import encode_chat
+    from hoe_core.bench import invocation, load_models, routed_at, shuffled_rounds, write_report
 
-    loaded = load_bundle(BUNDLE, precision=args.precision)
+    loaded, bare, enc = load_models(BUNDLE, args.precision)
     hoe = loaded.hoe
-    bare = load_backbone(loaded.manifest.backbone["spec"], args.precision, "cpu", base_dir=loaded.root).model
-    enc = encode_chat(loaded.backbone.tokenizer, [BENCH_PROMPTS[0]], "cpu")
-    routed = partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE]))
+    routed = routed_at(hoe, PREFERENCE)
     compiled = torch.compile(bare.forward, dynamic=False)
     pure = resolve_pure_torch(hoe, PREFERENCE, getattr(torch, args.factors))
     hoe_compiled = torch.compile(hoe.model.forward, dynamic=False)

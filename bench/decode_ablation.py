@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 from contextlib import contextmanager, nullcontext
-from functools import partial
 
 BUNDLE = "assets/smollm2-hhh"
 PREFERENCE = (0.4, 0.3, 0.3)
@@ -36,17 +35,12 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
 
-    from hoe_core.backbone import load_backbone
-    from hoe_core.bench import BENCH_PROMPTS, invocation, shuffled_rounds, write_report
-    from hoe_core.bundle import load_bundle
-    from hoe_core.generation import encode_chat
+    from hoe_core.bench import invocation, load_models, routed_at, shuffled_rounds, write_report
     from hoe_core.routing import fused_cpu
 
-    loaded = load_bundle(BUNDLE, precision=args.precision)
+    loaded, bare, enc = load_models(BUNDLE, args.precision)
     hoe = loaded.hoe
-    bare = load_backbone(loaded.manifest.backbone["spec"], args.precision, "cpu", base_dir=loaded.root).model
-    enc = encode_chat(loaded.backbone.tokenizer, [BENCH_PROMPTS[0]], "cpu")
-    routed = partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE]))
+    routed = routed_at(hoe, PREFERENCE)
     real_step = fused_cpu.group_step
 
     @contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from functools import partial
 
 BUNDLE = "assets/smollm2-hhh"
 PREFERENCE = (0.4, 0.3, 0.3)
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here (markdown)")
     args = ap.parse_args()
 
-    from hoe_core.bench import BENCH_PROMPTS, _generate_timed, invocation, write_report
+    from hoe_core.bench import BENCH_PROMPTS, _generate_timed, invocation, routed_at, write_report
     from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
     from hoe_core.routing import fused_cpu, kernel, layer
@@ -38,7 +37,7 @@ def main() -> None:
     loaded = load_bundle(BUNDLE, precision=args.precision)
     hoe = loaded.hoe
     enc = encode_chat(loaded.backbone.tokenizer, [BENCH_PROMPTS[0]], "cpu")
-    routed = partial(hoe.routing, anchor_weights=hoe.anchor_weights([PREFERENCE]))
+    routed = routed_at(hoe, PREFERENCE)
     targets = {  # name -> (owner, attribute)
         "HoELinear.forward": (layer.HoELinear, "forward"),
         "Kernel.__call__": (kernel.Kernel, "__call__"),

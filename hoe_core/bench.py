@@ -35,11 +35,13 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from hoe_core.bundle import LoadedBundle
 from hoe_core.config import PRECISIONS
 from hoe_core.routing import fused_cpu
 
@@ -195,6 +197,31 @@ def median_of(runs: Sequence[Timing]) -> Timing:
     )
 
 
+class BenchModels(NamedTuple):
+    """A bundle at one precision, as the bench and the scripts under ``bench/`` measure it."""
+
+    loaded: LoadedBundle  # HoE is ``loaded.hoe``
+    bare: torch.nn.Module  # the bundle's backbone again, at the same precision, without experts
+    prompt: dict  # BENCH_PROMPTS[0], chat-encoded on the backbone's device (batch 1)
+
+
+def load_models(bundle: str | Path, precision: str, device: str = "cpu") -> BenchModels:
+    """Load ``bundle`` at ``precision``, its bare backbone beside it and the bench prompt."""
+    from hoe_core.backbone import load_backbone
+    from hoe_core.bundle import load_bundle
+    from hoe_core.generation import encode_chat
+
+    loaded = load_bundle(bundle, precision=precision, device=device)
+    bare = load_backbone(loaded.manifest.backbone["spec"], precision, device, base_dir=loaded.root).model
+    prompt = encode_chat(loaded.backbone.tokenizer, [BENCH_PROMPTS[0]], next(bare.parameters()).device)
+    return BenchModels(loaded, bare, prompt)
+
+
+def routed_at(hoe, preference: Sequence[float]) -> Callable:
+    """A routing context factory: HoE's layers routed at ``preference`` (one batch row)."""
+    return partial(hoe.routing, anchor_weights=hoe.anchor_weights([preference]))
+
+
 def _generate_timed(model, enc: dict, new_tokens: int, routing=nullcontext) -> Timing:
     """Greedy ``generate`` with EOS suppressed, so exactly ``new_tokens`` are decoded."""
     clock = _Clock()
@@ -322,19 +349,16 @@ def bench_precision(cfg: BenchConfig, precision: str, bandwidth_gbs: float, log=
     from hoe_core.backbone import load_backbone
     from hoe_core.baselines import merge as merge_baseline
     from hoe_core.baselines.soups import MergedSoup, vertex_experts
-    from hoe_core.bundle import load_bundle
     from hoe_core.generation import encode_chat
 
     result = PrecisionResult(precision)
-    loaded = load_bundle(cfg.bundle, precision=precision, device=cfg.device)
+    loaded, bare, single = load_models(cfg.bundle, precision, cfg.device)
     hoe, tok = loaded.hoe, loaded.backbone.tokenizer
     if len(cfg.preference) != len(hoe.objectives) or len(cfg.switch_to) != len(hoe.objectives):
         raise ValueError(
             f"preference and switch_to need {len(hoe.objectives)} values (objectives {hoe.objectives})"
         )
-    bare = load_backbone(loaded.manifest.backbone["spec"], precision, cfg.device, base_dir=loaded.root).model
     device = next(bare.parameters()).device
-    single = encode_chat(tok, [BENCH_PROMPTS[0]], device)
     batch_prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(cfg.batch)]
     batched = encode_chat(tok, batch_prompts, device)
     lam, lam2 = np.asarray(cfg.preference, float), np.asarray(cfg.switch_to, float)
